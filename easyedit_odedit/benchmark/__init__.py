@@ -1,0 +1,1 @@
+"""MiniMMEdit: the project's multimodal editing benchmark built on easy-vqa (see world.py)."""

@@ -1,0 +1,328 @@
+"""Host compatibility: the one module that knows which EasyEdit is installed and what it needs.
+
+Two EasyEdit versions are in users' hands: the PyPI release ``easyeditor==0.0.1.dev0`` (a 2023
+snapshot, called ``pypi`` here) and GitHub main (``main``). This module
+
+* finds EasyEdit's registries without tripping over its attribute shadowing
+  (``easyeditor.util`` is not the ``util`` package after ``import easyeditor``);
+* applies the import shims the PyPI release needs on today's torch/transformers, each only when
+  the thing it repairs is actually broken;
+* runs EasyEdit's hard-coded ``cuda:`` code on CPU, but only when no GPU exists and only while
+  EasyEdit's own entry points run (``host_scope``);
+* routes EasyEdit's ``Blip2OPT``/``MiniGPT4`` constructors to the plugin's loader when, and only
+  when, the configured checkpoint is one the plugin understands.
+
+Nothing else in the package patches EasyEdit.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import logging
+import os
+import sys
+import threading
+import warnings
+
+import torch
+
+LOG = logging.getLogger(__name__)
+
+PYPI, MAIN = "pypi", "main"
+
+
+# ---------------------------------------------------------------------------------------------
+# Import shims (applied before the first import of transformers / easyeditor)
+# ---------------------------------------------------------------------------------------------
+def ensure_torchvision_importable() -> None:
+    """PyPI's torchvision is a CUDA build; next to CPU torch its C extension cannot load and the
+    import dies with ``operator torchvision::nms does not exist`` (which also breaks
+    ``transformers.modeling_utils``). Only in that case, declare the two op schemas its Python
+    side registers fake kernels for, and import again. The pure-Python transforms then work."""
+    if "torchvision" in sys.modules:
+        return
+    try:
+        import torchvision  # noqa: F401
+        return
+    except ImportError:
+        return  # not installed: nothing to repair
+    except RuntimeError as err:
+        if "torchvision::nms" not in str(err):
+            raise
+    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+        del sys.modules[name]
+    lib = torch.library.Library("torchvision", "FRAGMENT")  # kept alive by the dispatcher
+    lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    lib.define("qnms(Tensor qdets, Tensor scores, float iou_threshold) -> Tensor")
+    _KEEP_ALIVE.append(lib)
+    import torchvision  # noqa: F401,F811
+
+
+_KEEP_ALIVE: list = []
+
+
+def _restore_transformers_reexports() -> None:
+    """EasyEdit's Q-Former imports three helpers from ``transformers.modeling_utils`` that recent
+    transformers no longer re-export there. Put back only the missing ones."""
+    import transformers.modeling_utils as modeling_utils
+    from transformers import pytorch_utils
+
+    for name in ("apply_chunking_to_forward", "prune_linear_layer", "find_pruneable_heads_and_indices"):
+        if hasattr(modeling_utils, name):
+            continue
+        if hasattr(pytorch_utils, name):
+            setattr(modeling_utils, name, getattr(pytorch_utils, name))
+        elif name == "find_pruneable_heads_and_indices":
+            setattr(modeling_utils, name, _find_pruneable_heads_and_indices)
+
+
+def _find_pruneable_heads_and_indices(heads, n_heads, head_size, already_pruned_heads):
+    """Removed from transformers v5; only imported (never called) on EasyEdit's multimodal path."""
+    mask = torch.ones(n_heads, head_size)
+    heads = set(heads) - already_pruned_heads
+    for head in heads:
+        head = head - sum(1 if h < head else 0 for h in already_pruned_heads)
+        mask[head] = 0
+    mask = mask.view(-1).contiguous().eq(1)
+    index = torch.arange(len(mask))[mask].long()
+    return heads, index
+
+
+@functools.lru_cache(maxsize=None)
+def import_easyeditor():
+    """Import EasyEdit once, after the shims it needs. Returns the ``easyeditor`` module."""
+    ensure_torchvision_importable()
+    _restore_transformers_reexports()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"timm\..*")
+        warnings.filterwarnings("ignore", category=FutureWarning, message=r".*timm\.models.*")
+        easyeditor = importlib.import_module("easyeditor")
+    return easyeditor
+
+
+def module(name: str):
+    """An EasyEdit submodule by dotted name. Package attributes are shadowed by star-exports
+    (``easyeditor.util``, ``easyeditor.trainer.BaseTrainer``...), so never walk attributes."""
+    import_easyeditor()
+    return importlib.import_module(f"easyeditor.{name}")
+
+
+@functools.lru_cache(maxsize=None)
+def flavour() -> str:
+    """``main`` when the installed EasyEdit is GitHub main, ``pypi`` for the 2023 release."""
+    try:
+        module("editors.utils")
+        return MAIN
+    except ImportError:
+        return PYPI
+
+
+def alg_multimodal_dict() -> dict:
+    return module("util.alg_dict").ALG_MULTIMODAL_DICT
+
+
+def alg_train_dict() -> dict:
+    return module("util.alg_train_dict").ALG_TRAIN_DICT
+
+
+def multimodal_dataset_classes() -> dict:
+    """``{"vqa": VQADataset, "caption": CaptionDataset}`` in both versions."""
+    alg_dict = module("util.alg_dict")
+    return dict(getattr(alg_dict, "MULTIMODAL_DS_DICT", None) or
+                {k: v for k, v in alg_dict.DS_DICT.items() if k in ("vqa", "caption")})
+
+
+# ---------------------------------------------------------------------------------------------
+# Running EasyEdit's hard-coded CUDA code on CPU
+# ---------------------------------------------------------------------------------------------
+def _is_cuda_like(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, bool):
+        return False
+    if isinstance(device, int):
+        return True
+    return isinstance(device, str) and (device.startswith("cuda") or device.isdigit())
+
+
+def _redirect_args(args, kwargs):
+    if args and _is_cuda_like(args[0]):
+        args = ("cpu",) + tuple(args[1:])
+    if "device" in kwargs and _is_cuda_like(kwargs["device"]):
+        kwargs = dict(kwargs, device="cpu")
+    return args, kwargs
+
+
+_REDIRECT_LOCK = threading.RLock()
+_redirect_depth = 0
+_originals: dict = {}
+
+
+def _install_redirect() -> None:
+    _originals.update(tensor_to=torch.Tensor.to, module_to=torch.nn.Module.to,
+                      tensor_cuda=torch.Tensor.cuda, module_cuda=torch.nn.Module.cuda)
+
+    def tensor_to(self, *args, **kwargs):
+        args, kwargs = _redirect_args(args, kwargs)
+        return _originals["tensor_to"](self, *args, **kwargs)
+
+    def module_to(self, *args, **kwargs):
+        args, kwargs = _redirect_args(args, kwargs)
+        return _originals["module_to"](self, *args, **kwargs)
+
+    torch.Tensor.to = tensor_to
+    torch.nn.Module.to = module_to
+    torch.Tensor.cuda = lambda self, *a, **k: self
+    torch.nn.Module.cuda = lambda self, *a, **k: self
+
+
+def _remove_redirect() -> None:
+    torch.Tensor.to = _originals["tensor_to"]
+    torch.nn.Module.to = _originals["module_to"]
+    torch.Tensor.cuda = _originals["tensor_cuda"]
+    torch.nn.Module.cuda = _originals["module_cuda"]
+
+
+@contextlib.contextmanager
+def cpu_redirect():
+    """While active, ``.to(<cuda device>)`` and ``.cuda()`` keep tensors and modules on the CPU.
+    A no-op on machines with CUDA: there EasyEdit's code runs unchanged."""
+    global _redirect_depth
+    if torch.cuda.is_available():
+        yield
+        return
+    with _REDIRECT_LOCK:
+        if _redirect_depth == 0:
+            _install_redirect()
+        _redirect_depth += 1
+    try:
+        yield
+    finally:
+        with _REDIRECT_LOCK:
+            _redirect_depth -= 1
+            if _redirect_depth == 0:
+                _remove_redirect()
+
+
+@contextlib.contextmanager
+def _full_unpickling_for_easyedit_archives():
+    """MEND/SERAC archives hold a model config object; torch>=2.6 refuses those with its default
+    ``weights_only=True``. EasyEdit's own ``torch.load`` calls need the old behaviour, so it is
+    switched on for the duration of an EasyEdit call only."""
+    key = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
+    previous = os.environ.get(key)
+    os.environ[key] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = previous
+
+
+@contextlib.contextmanager
+def host_scope():
+    """Everything EasyEdit's own entry points need on today's stack, for one call."""
+    with cpu_redirect(), _full_unpickling_for_easyedit_archives():
+        yield
+
+
+def _scoped(method):
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        with host_scope():
+            return method(*args, **kwargs)
+
+    wrapper.__odedit_scoped__ = True
+    return wrapper
+
+
+def _dedupe_handlers(logger: logging.Logger) -> None:
+    """EasyEdit's ``make_logs`` adds a file and a stream handler on every editor construction."""
+    seen, kept = set(), []
+    for handler in logger.handlers:
+        key = (type(handler), getattr(handler, "baseFilename", None), getattr(handler, "stream", None))
+        if key in seen:
+            handler.close()
+            continue
+        seen.add(key)
+        kept.append(handler)
+    logger.handlers[:] = kept
+
+
+def _editor_init(original):
+    @functools.wraps(original)
+    def __init__(self, *args, **kwargs):
+        try:
+            original(self, *args, **kwargs)
+        finally:
+            _dedupe_handlers(logging.getLogger(module("editors.multimodal_editor").__name__))
+
+    return __init__
+
+
+def _wrap_entry_points() -> None:
+    editor_cls = module("editors.multimodal_editor").MultimodalEditor
+    trainer_mod = module("trainer.BaseTrainer")
+    targets = [(editor_cls, name) for name in ("__init__", "edit", "edit_dataset")]
+    targets += [(trainer_mod.BaseTrainer, name) for name in ("__init__", "run")]
+    for owner, name in targets:
+        method = owner.__dict__.get(name)
+        if method is None or getattr(method, "__odedit_scoped__", False):
+            continue
+        if owner is editor_cls and name == "__init__":
+            method = _editor_init(method)
+        setattr(owner, name, _scoped(method))
+
+
+# ---------------------------------------------------------------------------------------------
+# Model construction: EasyEdit's Blip2OPT/MiniGPT4 constructors, extended to plugin checkpoints
+# ---------------------------------------------------------------------------------------------
+_FACTORY_SITES = {
+    "Blip2OPT": ("trainer.blip2_models", "trainer.blip2_models.blip2_opt", "opt_model"),
+    "MiniGPT4": ("trainer.blip2_models", "trainer.blip2_models.mini_gpt4", "llama_model"),
+}
+
+
+def _plugin_aware(original, path_kwarg: str):
+    def construct(*args, **kwargs):
+        from .models.loading import is_plugin_checkpoint, load_adapter
+
+        path = kwargs.get(path_kwarg)
+        if is_plugin_checkpoint(path):
+            return load_adapter(path)
+        return original(*args, **kwargs)
+
+    construct.__odedit_original__ = original
+    construct.__name__ = original.__name__
+    return construct
+
+
+def _install_model_factories() -> None:
+    for cls_name, (package, module_name, path_kwarg) in _FACTORY_SITES.items():
+        for name in (package, module_name):
+            mod = module(name)
+            current = getattr(mod, cls_name)
+            if getattr(current, "__odedit_original__", None) is None:
+                setattr(mod, cls_name, _plugin_aware(current, path_kwarg))
+
+
+# ---------------------------------------------------------------------------------------------
+# Hparams quirks of the PyPI release
+# ---------------------------------------------------------------------------------------------
+def complete_host_hparams(hparams) -> None:
+    """The PyPI release reads ``model_parallel`` (MEND, SERAC, BaseTrainer, get_model) but none of
+    its multimodal hparams classes defines it; main defines it with default False."""
+    if not hasattr(hparams, "model_parallel"):
+        hparams.model_parallel = False
+
+
+@functools.lru_cache(maxsize=None)
+def prepare_host() -> str:
+    """Import EasyEdit and install the scoped integration points. Idempotent."""
+    import_easyeditor()
+    _wrap_entry_points()
+    _install_model_factories()
+    return flavour()

@@ -1,0 +1,290 @@
+"""Environments: how one edit request is seen.
+
+* IN  - the request itself: (image, prompt, target).
+* SE  - semantic shifts that must carry the edit: rephrased text (templates, word-level
+        perturbations, a pluggable paraphrase source), other views of the same image (crop, shift,
+        flip, noise, blur), and both at once. Target: the edit's target.
+* OUT - factual shifts that must not change: text-only and image prompts from a locality pool
+        (a train split or a user file). Near misses - the edit's question on the pool images most
+        similar to the edit image that are *not* views of the same content, and other questions on
+        the edit image - teach the model where the edit stops. Target: the unedited model.
+
+Only ``prompt``, ``target`` and ``image`` of a request are ever read (``edit_view``): the other
+fields (``rephrase_prompt``, ``image_rephrase``, ``locality_*``, ``multimodal_locality_*``) are how
+an edit is judged.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+import os
+import random
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+import torchvision.transforms.v2.functional as TF
+
+from .errors import ODEditError, ODEditFileNotFoundError
+from .models.tokenizer import words
+
+EDIT_FIELDS = ("prompt", "target", "image")
+VQA_TEMPLATE = "Question: {} Short answer:"
+
+
+def edit_view(request: dict) -> dict:
+    """The only part of a request an editor may see."""
+    return {k: request[k] for k in EDIT_FIELDS if k in request}
+
+
+@dataclass
+class Row:
+    """One prompt of one environment. ``target=None``: the unedited model's greedy answer."""
+
+    env: str
+    prompt: str
+    target: Optional[str]
+    image: Optional[torch.Tensor] = None
+
+
+# --------------------------------------------------------------------------------------------
+# SE: text
+# --------------------------------------------------------------------------------------------
+class TextAugmenter:
+    def __init__(self, settings, rng: random.Random):
+        self.settings, self.rng = settings, rng
+        self.paraphrase = load_paraphrase_source(settings.paraphrases)
+
+    def variants(self, prompt: str, n: int) -> List[str]:
+        """Up to n distinct rephrasings: paraphrases first, then templates and perturbations."""
+        found: List[str] = []
+        candidates = list(self.paraphrase(prompt)) if self.paraphrase else []
+        self.rng.shuffle(candidates)
+        for attempt in range(8 * max(n, 1)):
+            if len(found) >= n:
+                break
+            if candidates:
+                text = candidates.pop()
+            else:
+                template = self.rng.choice(self.settings.templates)
+                text = template.format(prompt=self._perturb(prompt))
+            if text != prompt and text not in found:
+                found.append(text)
+        return found
+
+    def _perturb(self, prompt: str) -> str:
+        """Word dropout that never drops the last word (it often carries the question's end)."""
+        tokens = prompt.split()
+        if len(tokens) < 3:
+            return prompt
+        kept = [t for t in tokens[:-1] if self.rng.random() >= self.settings.word_dropout] + tokens[-1:]
+        return " ".join(kept)
+
+
+def load_paraphrase_source(spec) -> Optional[Callable[[str], Sequence[str]]]:
+    """``pkg.module:function`` (a callable prompt -> variants), a JSON file {prompt: [variants]},
+    a Python callable, or None."""
+    if spec is None or callable(spec):
+        return spec
+    if isinstance(spec, str) and ":" in spec and not os.path.exists(spec):
+        module_name, _, attr = spec.partition(":")
+        try:
+            return getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as err:
+            raise ODEditError("environments.paraphrases", spec,
+                              "give 'package.module:function' of an importable callable") from err
+    if not os.path.isfile(spec):
+        raise ODEditFileNotFoundError("environments.paraphrases", spec,
+                                      "give a JSON file {prompt: [variants]} or 'package.module:function'")
+    with open(spec) as f:
+        table = json.load(f)
+    return lambda prompt: table.get(prompt, [])
+
+
+# --------------------------------------------------------------------------------------------
+# SE: image views that keep the content
+# --------------------------------------------------------------------------------------------
+class ImageAugmenter:
+    def __init__(self, settings, generator: torch.Generator):
+        self.settings, self.gen = settings, generator
+
+    def _uniform(self, low: float, high: float) -> float:
+        return low + (high - low) * torch.rand((), generator=self.gen).item()
+
+    def view(self, image: torch.Tensor) -> torch.Tensor:
+        s = self.settings
+        _, h, w = image.shape
+        scale = self._uniform(*s.crop_scale)
+        ch, cw = max(1, int(h * scale)), max(1, int(w * scale))
+        top, left = int(self._uniform(0, h - ch)), int(self._uniform(0, w - cw))
+        out = TF.resized_crop(image, top, left, ch, cw, [h, w], antialias=True)
+        shift = [int(self._uniform(-s.max_shift, s.max_shift) * w), int(self._uniform(-s.max_shift, s.max_shift) * h)]
+        out = TF.affine(out, angle=0.0, translate=shift, scale=1.0, shear=[0.0, 0.0])
+        if s.hflip and torch.rand((), generator=self.gen).item() < 0.5:
+            out = TF.horizontal_flip(out)
+        if s.blur_sigma > 0:
+            sigma = self._uniform(0.1, s.blur_sigma)
+            out = TF.gaussian_blur(out, kernel_size=[5, 5], sigma=[sigma, sigma])
+        if s.colour_jitter > 0:
+            out = out * self._uniform(1 - s.colour_jitter, 1 + s.colour_jitter)
+        if s.noise_std > 0:
+            out = out + s.noise_std * torch.randn(out.shape, generator=self.gen).to(out.device, out.dtype)
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# OUT: the locality pool
+# --------------------------------------------------------------------------------------------
+@dataclass
+class PoolEntry:
+    prompt: str
+    answer: str
+    image_path: Optional[str] = None
+
+
+@functools.lru_cache(maxsize=8)
+def load_locality_pool(path: str, image_root: str) -> tuple:
+    """Entries from a train-split E-VQA/E-IC JSON (``image``/``src``/``pred``, ``m_loc``/``m_loc_q``/
+    ``m_loc_a``, ``loc``/``loc_ans``) or a JSON list of {prompt, answer, image?}."""
+    if not os.path.isfile(path):
+        raise ODEditFileNotFoundError("environments.locality_pool", path,
+                                      "give a train-split JSON (E-VQA format) or a JSON list of prompts")
+    with open(path) as f:
+        records = json.load(f)
+    if not isinstance(records, list):
+        raise ODEditError("environments.locality_pool", path, "the file must hold a JSON list")
+    entries = []
+    for rec in records:
+        if "prompt" in rec:
+            image = rec.get("image")
+            entries.append(PoolEntry(rec["prompt"], str(rec.get("answer", "")),
+                                     os.path.join(image_root, image) if image else None))
+            continue
+        if rec.get("loc") and rec.get("loc_ans"):
+            entries.append(PoolEntry(rec["loc"], rec["loc_ans"]))
+        if rec.get("m_loc") and rec.get("m_loc_q"):
+            entries.append(PoolEntry(VQA_TEMPLATE.format(rec["m_loc_q"]), rec.get("m_loc_a", ""),
+                                     os.path.join(image_root, rec["m_loc"])))
+        if rec.get("image") and rec.get("src") and rec.get("pred"):
+            entries.append(PoolEntry(VQA_TEMPLATE.format(rec["src"]), rec["pred"],
+                                     os.path.join(image_root, rec["image"])))
+    return tuple(entries)
+
+
+# --------------------------------------------------------------------------------------------
+# Putting one edit's environments together
+# --------------------------------------------------------------------------------------------
+class EnvironmentBuilder:
+    """Builds the per-edit pool of environment rows (sampled in steps by ``EnvironmentSampler``)."""
+
+    def __init__(self, settings, image_processor: Optional[Callable], coco_root: str, seed: int):
+        self.settings = settings
+        self.rng = random.Random(seed)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.text = TextAugmenter(settings, self.rng)
+        self.images = ImageAugmenter(settings, self.gen)
+        self.image_processor = image_processor
+        self.pool: Sequence[PoolEntry] = ()
+        if settings.locality_pool:
+            root = settings.locality_image_root if settings.locality_image_root is not None else coco_root
+            self.pool = load_locality_pool(settings.locality_pool, root or "")
+
+    def in_and_se(self, view: dict) -> List[Row]:
+        s, k = self.settings, self.settings.pool_factor
+        prompt, target, image = view["prompt"], view["target"], view.get("image")
+        rows = [Row("IN", prompt, target, image)]
+        texts = self.text.variants(prompt, k * (s.se_text + s.se_joint))
+        rows += [Row("SE_text", t, target, image) for t in texts[: k * s.se_text]]
+        if image is not None:
+            rows += [Row("SE_image", prompt, target, self.images.view(image)) for _ in range(k * s.se_image)]
+            rows += [Row("SE_joint", t, target, self.images.view(image)) for t in texts[k * s.se_text:]]
+        return rows
+
+    def out_candidates(self, view: dict) -> Dict[str, List[Row]]:
+        """Text-only and image OUT rows; image rows still to be split into near and far by
+        ``split_near_far`` once image features are known."""
+        s, k = self.settings, self.settings.pool_factor
+        text_entries = [e for e in self.pool if e.image_path is None]
+        image_entries = [e for e in self.pool if e.image_path is not None]
+        text_rows = [Row("OUT_text", e.prompt, e.answer) for e in self._sample(text_entries, k * s.out_text)]
+        candidates = self._sample(image_entries, 4 * k * max(s.out_image, 1)) if s.out_image else []
+        image_rows = [Row("OUT_image", e.prompt, e.answer, self._load_image(e.image_path)) for e in candidates]
+        return {"text": text_rows, "image": image_rows}
+
+    def _sample(self, items: Sequence, n: int) -> list:
+        return self.rng.sample(list(items), min(n, len(items)))
+
+    def _load_image(self, path: str) -> torch.Tensor:
+        return _load_processed_image(path, self.image_processor)
+
+    def near_and_far(self, view: dict, se_rows: List[Row], candidates: List[Row],
+                     features: Callable[[List[torch.Tensor]], torch.Tensor]) -> List[Row]:
+        """Near misses: the pool images closest to the edit image that lie outside the radius its
+        own SE views span (inside it they are the same content and the edit should carry over).
+        They are asked the edit's own question and their own; the rest of the quota is far rows."""
+        s, k = self.settings, self.settings.pool_factor
+        quota = k * s.out_image
+        if not candidates or quota == 0 or view.get("image") is None:
+            return candidates[:quota]
+        views = [r.image for r in se_rows if r.env == "SE_image"]
+        feats = features([view["image"], *views, *[r.image for r in candidates]])
+        anchor, view_feats, cand_feats = feats[0], feats[1:1 + len(views)], feats[1 + len(views):]
+        radius = (view_feats - anchor).norm(dim=-1).max().item() if len(views) else 0.0
+        dist = (cand_feats - anchor).norm(dim=-1)
+        order = [i for i in dist.argsort().tolist() if dist[i].item() > radius]
+        n_near = int(round(quota * s.near_miss_share))
+        near_idx = order[: max(n_near // 2, 1 if n_near else 0)]
+        rows = []
+        for i in near_idx:  # same image, the edit's question (answer: the unedited model's)
+            rows.append(Row("OUT_near", view["prompt"], None, candidates[i].image))
+            rows.append(Row("OUT_near", candidates[i].prompt, candidates[i].target, candidates[i].image))
+        far_idx = [i for i in order[len(near_idx):]]
+        self.rng.shuffle(far_idx)
+        rows += [Row("OUT_far", candidates[i].prompt, candidates[i].target, candidates[i].image)
+                 for i in far_idx[: quota - len(rows)]]
+        return rows
+
+
+def _load_processed_image(path: str, processor: Optional[Callable]) -> torch.Tensor:
+    from PIL import Image
+
+    if not os.path.isfile(path):
+        raise ODEditFileNotFoundError("environments.locality_pool image", path,
+                                      "set environments.locality_image_root to the pool's image folder")
+    with Image.open(path) as img:
+        return processor(img.convert("RGB"))
+
+
+class EnvironmentSampler:
+    """Each step: IN plus a fresh random subset of every SE/OUT group, from the fixed pool."""
+
+    GROUP_QUOTA = {"SE_text": "se_text", "SE_image": "se_image", "SE_joint": "se_joint",
+                   "OUT_text": "out_text"}
+
+    def __init__(self, rows: List[Row], settings, seed: int):
+        self.rows, self.settings = rows, settings
+        self.rng = random.Random(seed + 1)
+        self.groups: Dict[str, List[int]] = {}
+        for i, row in enumerate(rows):
+            self.groups.setdefault(row.env, []).append(i)
+
+    def quota(self, env: str) -> int:
+        if env == "IN":
+            return 1
+        if env in self.GROUP_QUOTA:
+            return getattr(self.settings, self.GROUP_QUOTA[env])
+        near_share = self.settings.near_miss_share
+        n_out = self.settings.out_image
+        return max(1, int(round(n_out * (near_share if env == "OUT_near" else 1 - near_share))))
+
+    def sample(self) -> List[int]:
+        chosen = []
+        for env, idx in self.groups.items():
+            chosen += self.rng.sample(idx, min(self.quota(env), len(idx)))
+        return sorted(chosen)
+
+
+def answer_words(tokenizer, ids: Sequence[int]) -> str:
+    text = tokenizer.decode(list(ids), skip_special_tokens=True).strip()
+    return " ".join(words(text)) if text else text

@@ -1,0 +1,1 @@
+"""Host editing methods ODEdit decorates (one module a family)."""

@@ -1,0 +1,194 @@
+"""The interface EasyEdit's multimodal code calls, over transformers' vision-language models.
+
+EasyEdit's LAVIS-style path (``model_name: blip2`` / ``minigpt4``: evaluation, MEND, the trainer)
+calls ``model(samples)`` with ``image``, ``text_input``, ``labels`` and ``prompts_len`` and reads
+``.logits``, ``.labels``, ``.attention_mask``, ``.loss`` and ``.config``. ``MultimodalLMAdapter``
+gives any (image encoder, causal LM, tokenizer) triple that interface:
+
+* the sequence is ``[image tokens][prompt + target]``, left-padded, so the text is the suffix of
+  every row (the PyPI release's evaluator reads the last ``len(target)`` positions);
+* ``labels`` are full-length and -100 everywhere except the target tokens (main's evaluator shifts
+  them against the logits);
+* images of any size are resized to the encoder's own, so EasyEdit's 364-pixel BLIP processor can
+  feed a 64-pixel model.
+
+It also exposes the pieces ODEdit's objective needs to run many environments in one batch: the
+embedding step, the decoder step with a logit scale, and the decoder's layer stack (for caching
+the activations below the edited layers).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.modeling_outputs import ModelOutput
+
+IGNORE = -100
+
+
+@dataclass
+class AdapterOutput(ModelOutput):
+    loss: Optional[torch.Tensor] = None
+    logits: Optional[torch.Tensor] = None
+    labels: Optional[torch.Tensor] = None
+    attention_mask: Optional[torch.Tensor] = None
+    hidden_states: Optional[torch.Tensor] = None
+
+
+@dataclass
+class EmbeddedBatch:
+    """Rows ready for the decoder: left-padded embeddings with their mask, positions and labels."""
+
+    inputs_embeds: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    labels: torch.Tensor
+
+
+class AdapterConfig(dict):
+    """Plain-dict config: MEND stores ``model.config`` in its archive and compares it on load."""
+
+    def to_dict(self):
+        return dict(self)
+
+
+class MultimodalLMAdapter(nn.Module):
+    def __init__(self, image_encoder: nn.Module, language_model: nn.Module, tokenizer,
+                 image_size: int, config: Optional[dict] = None):
+        super().__init__()
+        self.image_encoder = image_encoder
+        self.language_model = language_model
+        self.tokenizer = tokenizer
+        self.image_size = int(image_size)
+        self.config = AdapterConfig(config or {})
+        # EasyEdit's LAVIS models carry their tokenizer under these names; WISE and SERAC read them.
+        self.opt_tokenizer = tokenizer
+
+    # -- device / dtype ---------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.language_model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.language_model.parameters()).dtype
+
+    def train(self, mode: bool = True):
+        """The image encoder stays in eval mode: a BatchNorm tower in training mode makes a row's
+        output depend on the rest of the batch, which editing must never do."""
+        super().train(mode)
+        self.image_encoder.eval()
+        return self
+
+    # -- EasyEdit's interface ---------------------------------------------------------------
+    def forward(self, samples, output_hidden_states: bool = False, logit_scale=None) -> AdapterOutput:
+        if isinstance(samples, (list, tuple)):  # main's trainer may pass a list of sample dicts
+            samples = _merge_samples(samples)
+        self._tokenise_string_labels(samples)
+        batch = self.embed(samples["text_input"], samples.get("image"), samples["prompts_len"])
+        logits, hidden = self.decode(batch, logit_scale=logit_scale)
+        loss = token_nll(logits, batch.labels)
+        return AdapterOutput(loss=loss, logits=logits, labels=batch.labels,
+                             attention_mask=batch.attention_mask,
+                             hidden_states=hidden if output_hidden_states else None)
+
+    def _tokenise_string_labels(self, samples) -> None:
+        """The PyPI release's MEND executor passes target *strings* as labels and later calls
+        ``.clone()`` on them; its ``MEND.edit`` runs the model first, so tokenise them here."""
+        labels = samples.get("labels")
+        if isinstance(labels, (list, tuple)) and labels and isinstance(labels[0], str):
+            ids = [self.tokenizer(t.strip(), add_special_tokens=False)["input_ids"] for t in labels]
+            width = max(len(i) for i in ids)
+            samples["labels"] = torch.tensor([[IGNORE] * (width - len(i)) + i for i in ids],
+                                             device=self.device)
+
+    # -- pieces ------------------------------------------------------------------------------
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] at any size -> [B, N, D] image-token embeddings."""
+        images = images.to(device=self.device, dtype=self.dtype)
+        if images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
+            images = F.interpolate(images, size=(self.image_size, self.image_size),
+                                   mode="bilinear", antialias=True, align_corners=False)
+        return self.image_encoder(images)
+
+    def embed(self, texts: Sequence[str], images, prompts_len: Sequence[int]) -> EmbeddedBatch:
+        """Tokenise, mask prompts, embed, and lay out ``[pad][image][text]`` rows."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        ids = [self.tokenizer(t)["input_ids"] for t in texts]
+        image_embeds = self._image_rows(images, len(texts))
+        token_embeds = self.language_model.get_input_embeddings()
+        rows, labels = [], []
+        for i, row_ids in enumerate(ids):
+            text = token_embeds(torch.tensor(row_ids, device=self.device))
+            n_prompt = int(prompts_len[i])
+            row_labels = [IGNORE] * min(n_prompt, len(row_ids)) + row_ids[n_prompt:]
+            if image_embeds[i] is not None:
+                text = torch.cat([image_embeds[i], text], dim=0)
+                row_labels = [IGNORE] * image_embeds[i].shape[0] + row_labels
+            rows.append(text)
+            labels.append(row_labels)
+        return self._left_pad(rows, labels)
+
+    def _image_rows(self, images, n: int) -> List[Optional[torch.Tensor]]:
+        if images is None:
+            return [None] * n
+        if isinstance(images, (list, tuple)):
+            present = [i for i, im in enumerate(images) if im is not None]
+            rows: List[Optional[torch.Tensor]] = [None] * n
+            if present:
+                encoded = self.encode_images(torch.stack([_chw(images[i]) for i in present]))
+                for j, i in enumerate(present):
+                    rows[i] = encoded[j]
+            return rows
+        if images.dim() == 3:
+            images = images.unsqueeze(0)
+        encoded = self.encode_images(images)
+        if encoded.shape[0] == 1 and n > 1:
+            encoded = encoded.expand(n, -1, -1)
+        return list(encoded)
+
+    def _left_pad(self, rows: List[torch.Tensor], labels: List[List[int]]) -> EmbeddedBatch:
+        width = max(r.shape[0] for r in rows)
+        dim = rows[0].shape[-1]
+        embeds = rows[0].new_zeros(len(rows), width, dim)
+        mask = torch.zeros(len(rows), width, dtype=torch.long, device=self.device)
+        label_t = torch.full((len(rows), width), IGNORE, dtype=torch.long, device=self.device)
+        for i, (row, lab) in enumerate(zip(rows, labels)):
+            embeds[i, width - row.shape[0]:] = row
+            mask[i, width - row.shape[0]:] = 1
+            label_t[i, width - len(lab):] = torch.tensor(lab, device=self.device)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        return EmbeddedBatch(embeds, mask, position_ids, label_t)
+
+    def decode(self, batch: EmbeddedBatch, logit_scale=None):
+        """Run the language model; returns (logits * logit_scale, last hidden states)."""
+        out = self.language_model(inputs_embeds=batch.inputs_embeds,
+                                  attention_mask=batch.attention_mask,
+                                  position_ids=batch.position_ids,
+                                  output_hidden_states=True, use_cache=False)
+        logits = out.logits if logit_scale is None else out.logits * logit_scale
+        return logits, out.hidden_states[-1]
+
+
+def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token NLL over the positions whose label is not -100."""
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                           labels[:, 1:].reshape(-1), ignore_index=IGNORE)
+
+
+def _chw(image: torch.Tensor) -> torch.Tensor:
+    return image[0] if image.dim() == 4 else image
+
+
+def _merge_samples(samples_list):
+    merged = {"text_input": [], "image": [], "prompts_len": [], "labels": None}
+    for samples in samples_list:
+        n = len(samples["text_input"])
+        merged["text_input"] += list(samples["text_input"])
+        merged["prompts_len"] += list(samples["prompts_len"])
+        image = samples.get("image")
+        merged["image"] += [None] * n if image is None else [image[i] for i in range(n)]
+    return merged

@@ -1,0 +1,179 @@
+"""The ODEdit objective as one short ``update`` per step (DomainBed's shape).
+
+Every environment row of the step goes through the model in one padded batch with one forward and
+one backward pass; the logits are sliced per environment; risk + annealed, learned-multiplier TV
+penalty; the optimiser is reset when the penalty switches on; a dict of floats comes back.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+
+from .. import penalty as tv
+from .. import risks
+from ..environments import Row
+from ..errors import ODEditNumericalError
+from ..models.adapter import EmbeddedBatch, MultimodalLMAdapter
+from ..prefix_cache import PrefixCache, decoder_layers, lowest_edited_layer
+
+SE_ENVS = ("SE_text", "SE_image", "SE_joint")
+OUT_ENVS = ("OUT_text", "OUT_near", "OUT_far")
+
+
+class EditRows:
+    """The per-edit pool of rows, embedded once, with the unedited model's OUT distributions."""
+
+    def __init__(self, adapter: MultimodalLMAdapter, rows: List[Row], kl_positions: str):
+        self.adapter, self.rows = adapter, rows
+        self.texts = [f"{r.prompt} {r.target}" for r in rows]
+        self.prompts_len = [len(adapter.tokenizer(r.prompt)["input_ids"]) for r in rows]
+        self.images = [r.image for r in rows]
+        self.envs = [r.env for r in rows]
+        with torch.no_grad():
+            self.embedded = self.embed(range(len(rows)))
+            logits, _ = adapter.decode(self.embedded)
+        self.compare_mask = self._compare_mask(self.embedded, kl_positions)
+        out_rows = [i for i, e in enumerate(self.envs) if e in OUT_ENVS]
+        log_probs = torch.log_softmax(logits.float(), -1)
+        self.pre_log_probs = {i: log_probs[i][self.compare_mask[i]] for i in out_rows}
+
+    def embed(self, idx) -> EmbeddedBatch:
+        idx = list(idx)
+        return self.adapter.embed([self.texts[i] for i in idx], [self.images[i] for i in idx],
+                                  [self.prompts_len[i] for i in idx])
+
+    @staticmethod
+    def _compare_mask(batch: EmbeddedBatch, kl_positions: str) -> torch.Tensor:
+        if kl_positions == "all":
+            return batch.attention_mask.bool()
+        return risks.answer_positions(batch.labels)
+
+
+def _select(batch: EmbeddedBatch, idx: torch.Tensor) -> EmbeddedBatch:
+    return EmbeddedBatch(batch.inputs_embeds[idx], batch.attention_mask[idx], batch.position_ids[idx], batch.labels[idx])
+
+
+class ODEditObjective:
+    """Primal-dual optimisation of G = R_rel + R_se + R_loc + R_gen + w * lambda * TV (Eq. 11-13)."""
+
+    def __init__(self, adapter: MultimodalLMAdapter, edit_rows: EditRows, params: Dict[str, torch.nn.Parameter],
+                 hp, lr: float, optimizer: str = "Adam", use_odedit: bool = True):
+        self.adapter, self.rows, self.params, self.hp = adapter, edit_rows, params, hp
+        self.use_odedit, self.lr, self.optimizer_name = use_odedit, lr, optimizer
+        self.originals = {k: p.detach().clone() for k, p in params.items()}
+        self.optimizer = self._new_optimizer()
+        self.multiplier = tv.LagrangeMultiplier(hp.penalty.lambda_hidden, hp.penalty.lambda_init,
+                                                hp.penalty.lambda_max)
+        self.reembed = any(not k.startswith("language_model.") or "embed" in k for k in params)
+        self.cache = self._prefix_cache() if hp.optimiser.cache_prefix and not self.reembed else None
+        self.step = 0
+
+    def _new_optimizer(self) -> torch.optim.Optimizer:
+        return getattr(torch.optim, self.optimizer_name)(list(self.params.values()), lr=self.lr)
+
+    def _prefix_cache(self) -> Optional[PrefixCache]:
+        try:
+            path, layers = decoder_layers(self.adapter.language_model)
+        except LookupError:
+            return None
+        k = lowest_edited_layer(self.params, path)
+        if not k:
+            return None
+        cache = PrefixCache(layers, k)
+        cache.capture(lambda: self.adapter.decode(self.rows.embedded))
+        return cache
+
+    # -- one forward pass over every environment row of the step ------------------------------
+    def forward(self, idx: List[int], scale):
+        rows = torch.tensor(idx, device=self.rows.embedded.inputs_embeds.device)
+        if self.reembed:
+            batch = self.rows.embed(idx)
+            return batch, *self.adapter.decode(batch, logit_scale=scale)
+        batch = _select(self.rows.embedded, rows)
+        if self.cache is None:
+            return batch, *self.adapter.decode(batch, logit_scale=scale)
+        with self.cache.bypass(rows):
+            return batch, *self.adapter.decode(batch, logit_scale=scale)
+
+    def risks(self, idx: List[int], batch: EmbeddedBatch, logits, hidden) -> Dict[str, torch.Tensor]:
+        """Per-environment risk: NLL of the target on IN/SE rows, KL to the unedited model on OUT."""
+        envs = [self.rows.envs[i] for i in idx]
+        per_env: Dict[str, torch.Tensor] = {}
+        for env in dict.fromkeys(envs):
+            at = [j for j, e in enumerate(envs) if e == env]
+            if env in OUT_ENVS:
+                width = logits.shape[1]  # rows are left-padded: align masks from the right
+                post = torch.cat([logits[j][self.rows.compare_mask[idx[j]][-width:]] for j in at])
+                pre = torch.cat([self.rows.pre_log_probs[idx[j]] for j in at])
+                per_env[env] = risks.locality_kl(post, pre, self.hp.risks.kl_direction)
+            else:
+                per_env[env] = risks.reliability_nll(logits[at], batch.labels[at])
+        return per_env
+
+    def mmd_features(self, batch: EmbeddedBatch, hidden: torch.Tensor) -> torch.Tensor:
+        answer = risks.answer_positions(batch.labels)
+        if self.hp.risks.mmd_feature == "answer_mean":
+            weights = answer.float() / answer.float().sum(-1, keepdim=True).clamp(min=1)
+            return (hidden.float() * weights.unsqueeze(-1)).sum(1)
+        first = answer.float().argmax(-1)  # the last prompt token predicts the first answer token
+        return hidden[torch.arange(hidden.shape[0]), first].float()
+
+    def update(self, idx: List[int]) -> Dict[str, float]:
+        hp = self.hp
+        scale = tv.omega().to(self.rows.embedded.inputs_embeds.device)
+        batch, logits, hidden = self.forward(idx, scale)
+        per_env = self.risks(idx, batch, logits, hidden)
+        envs = [self.rows.envs[i] for i in idx]
+        logs: Dict[str, float] = {}
+        r_rel = per_env["IN"]
+        if not self.use_odedit:
+            objective = r_rel
+        else:
+            r_se = _mean([per_env[e] for e in SE_ENVS if e in per_env], r_rel)
+            r_loc = _mean([per_env[e] for e in OUT_ENVS if e in per_env], r_rel)
+            feats = self.mmd_features(batch, hidden)
+            z_e = feats[[j for j, e in enumerate(envs) if e == "IN"]]
+            z_r = feats[[j for j, e in enumerate(envs) if e in SE_ENVS]]
+            r_gen = risks.generality_mmd(z_e.detach() if hp.risks.mmd_detach_edit else z_e, z_r,
+                                         hp.risks.mmd_bandwidths)
+            r_edit = r_rel + hp.risks.se_nll_weight * r_se + hp.risks.loc_weight * r_loc + hp.risks.gen_weight * r_gen
+            weight = hp.penalty.weight if self.step >= hp.penalty.warmup_steps else 0.0
+            if self.step == hp.penalty.warmup_steps and weight > 0:
+                self.optimizer = self._new_optimizer()  # the loss scale jumps: stale Adam moments mislead
+            penalty = tv.tv_penalty(list(per_env.values()), scale) if weight > 0 else scale * 0.0
+            lam = self.multiplier(self._lambda_features(hidden, envs))
+            objective = r_edit + weight * lam * penalty
+            logs.update(se_nll=r_se.item(), loc_kl=r_loc.item(), gen_mmd=r_gen.item(),
+                        tv=penalty.item(), lam=lam.item())
+        self._descend(objective)
+        if self.use_odedit:
+            self.multiplier.ascend(hp.penalty.dual_lr)
+        self.step += 1
+        logs.update(rel_nll=r_rel.item(), objective=objective.item())
+        return logs
+
+    def _lambda_features(self, hidden, envs) -> torch.Tensor:
+        kind = self.hp.penalty.lambda_input
+        if kind == "delta_norms":
+            return tv.delta_norm_features(self.params, self.originals)
+        if kind == "edit_hidden":
+            return hidden[envs.index("IN")].mean(0)
+        return hidden.new_ones(1)
+
+    def _descend(self, objective: torch.Tensor) -> None:
+        if not torch.isfinite(objective):
+            raise ODEditNumericalError(f"ODEdit objective is {objective.item()} at step {self.step}; "
+                                       "lower the learning rate or penalty.weight")
+        self.optimizer.zero_grad(set_to_none=True)
+        objective.backward()
+        grads = [p.grad for p in self.params.values() if p.grad is not None]
+        if any(not torch.isfinite(g).all() for g in grads):
+            raise ODEditNumericalError(f"non-finite gradient at step {self.step}; lower the learning rate")
+        if self.hp.optimiser.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.hp.optimiser.grad_clip)
+        self.optimizer.step()
+
+
+def _mean(values: List[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    return torch.stack(values).mean() if values else like.new_zeros(())

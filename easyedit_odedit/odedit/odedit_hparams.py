@@ -1,0 +1,323 @@
+"""``ODEditHyperParams``: one YAML that names the host method, the host's hyper-parameters and
+ODEdit's own settings, and looks to EasyEdit like any other hparams object.
+
+Example (``hparams/ODEdit/minimmedit-ft-l.yaml``)::
+
+    alg_name: ODEdit
+    host: FT-L
+    host_hparams: {layers: [3], num_steps: 20, lr: 1e-3}   # or a path to the host's own YAML
+    model_name: blip2            # EasyEdit's LAVIS code path
+    name: easyedit_odedit/assets/minimmedit-base
+    device: 0
+    environments: {locality_pool: data/minimmedit/train.json}
+    penalty: {warmup_steps: 5}
+
+Attributes EasyEdit reads (``model_name``, ``name``, ``tokenizer_*``, ``coco_image``, ...) come from
+the top level, else from the host's hparams; anything else EasyEdit asks for (a MEND trainer reads
+``lr``, ``opt``, ``max_iters``...) is delegated to the host's hparams object.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Union
+
+import yaml
+
+from ..errors import ODEditError, ODEditFileNotFoundError
+
+
+@dataclass
+class EnvironmentSettings:
+    """How each edit is seen: IN (the request), SE (must carry the edit), OUT (must not change)."""
+
+    se_text: int = 2            # rephrased-text environments drawn each step
+    se_image: int = 2           # image views of the same content drawn each step
+    se_joint: int = 1           # both shifted at once
+    out_text: int = 2           # text-only locality prompts drawn each step
+    out_image: int = 4          # image locality prompts drawn each step
+    pool_factor: int = 4        # the per-edit pool holds pool_factor x the per-step count
+    near_miss_share: float = 0.5  # share of OUT image prompts that are near misses
+    locality_pool: Optional[str] = None   # train-split E-VQA/E-IC JSON, or a JSON list of prompts
+    locality_image_root: Optional[str] = None  # image root for the pool (default: coco_image)
+    paraphrases: Optional[str] = None     # "pkg.module:function" or a JSON {prompt: [variants]}
+    templates: List[str] = field(default_factory=lambda: ["{prompt}", "{prompt} ?", "please answer . {prompt}"])
+    word_dropout: float = 0.15  # word-level perturbation: drop each non-final word with this chance
+    crop_scale: List[float] = field(default_factory=lambda: [0.75, 1.0])
+    max_shift: float = 0.08     # translation, as a fraction of the image side
+    hflip: bool = True
+    noise_std: float = 0.03
+    blur_sigma: float = 0.6
+    colour_jitter: float = 0.0  # off by default: colour is content for many questions
+
+
+@dataclass
+class RiskSettings:
+    kl_direction: str = "post_pre"      # the paper's KL(post || pre); "pre_post" is EasyEdit's
+    kl_positions: str = "answer"        # "answer" or "all" positions of an OUT prompt
+    loc_weight: float = 1.0
+    gen_weight: float = 1.0             # MMD weight
+    se_nll_weight: float = 1.0          # supervised NLL on SE prompts (0 turns it off)
+    mmd_feature: str = "last_prompt_token"   # or "answer_mean"
+    mmd_bandwidths: List[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 4.0])
+    mmd_detach_edit: bool = True        # pull rephrases towards the edit, not the edit towards them
+
+
+@dataclass
+class PenaltySettings:
+    weight: float = 1.0                 # TV penalty weight after warm-up
+    warmup_steps: int = 3               # no penalty before this step; optimiser reset when it starts
+    lambda_input: str = "delta_norms"   # "delta_norms" | "edit_hidden" | "constant"
+    lambda_hidden: int = 16
+    lambda_init: float = 1.0
+    lambda_max: float = 10.0
+    dual_lr: float = 0.01
+
+
+@dataclass
+class OptimiserSettings:
+    steps: int = 10                     # ODEdit refinement steps for hosts that edit on their own
+    lr: Optional[float] = None          # default: the host's learning rate
+    grad_clip: float = 1.0
+    cache_prefix: bool = True           # compute activations below the edited layers once per edit
+
+
+SECTIONS = {"environments": EnvironmentSettings, "risks": RiskSettings,
+            "penalty": PenaltySettings, "optimiser": OptimiserSettings}
+
+# What EasyEdit's editor, evaluators and datasets read, with neutral defaults.
+EASYEDIT_FIELDS: Dict[str, Any] = dict(
+    model_name=None, name=None, tokenizer_class="PreTrainedTokenizerFast", tokenizer_name=None,
+    device=0, dtype=None, model_class=None, state_dict_file=None, qformer_name_or_path=None,
+    qformer_checkpoint=None, pretrained_ckpt=None, coco_image="", rephrase_image="",
+    exact_match=False, model_parallel=False, max_length=32, batch_size=1, results_dir="./results",
+    file_type="image", seed=42,
+)
+
+
+@dataclass
+class ODEditHyperParams:
+    host: str
+    host_hparams: Union[str, Dict[str, Any]] = field(default_factory=dict)
+    alg_name: str = "ODEdit"
+    alg: str = "ODEdit"      # MultimodalTrainer looks up ALG_TRAIN_DICT[config.alg.upper()]
+    enabled: bool = True     # false: the host alone, same parameters, optimiser and steps
+    progress: bool = False   # a progress bar for each edit's optimisation steps
+    environments: EnvironmentSettings = field(default_factory=EnvironmentSettings)
+    risks: RiskSettings = field(default_factory=RiskSettings)
+    penalty: PenaltySettings = field(default_factory=PenaltySettings)
+    optimiser: OptimiserSettings = field(default_factory=OptimiserSettings)
+    easyedit: Dict[str, Any] = field(default_factory=dict)
+    source_path: Optional[str] = None
+    host_params: Any = None  # the host's own hparams object, built by the registry
+
+    # -- loading -----------------------------------------------------------------------------
+    @classmethod
+    def from_hparams(cls, hparams_name_or_path: str) -> "ODEditHyperParams":
+        path = _resolve_yaml_path(hparams_name_or_path)
+        config = _read_yaml(path, "hparams file")
+        return cls.from_dict(config, source_path=path)
+
+    @classmethod
+    def from_dict(cls, config: Dict[str, Any], source_path: Optional[str] = None) -> "ODEditHyperParams":
+        from ..registry import build_host_hparams, host_spec
+
+        config = dict(config)
+        where = os.path.basename(source_path) if source_path else "hparams"
+        alg_name = config.pop("alg_name", "ODEdit")
+        config.pop("alg", None)
+        if alg_name != "ODEdit":
+            raise ODEditError(f"{where}: alg_name", alg_name, "set `alg_name: ODEdit` (the host goes in `host:`)")
+        if "host" not in config:
+            raise ODEditError(f"{where}: host", None, "add `host:` naming the method ODEdit decorates "
+                              "(FT-L, FT-V, LoRA, MEND, SERAC, WISE, GRACE)", problem="is missing")
+        host = _typed(f"{where}: host", config.pop("host"), str)
+        spec = host_spec(host, where)
+        sections = {}
+        for key, section_cls in SECTIONS.items():
+            sections[key] = _build_section(f"{where}: {key}", section_cls, config.pop(key, None) or {})
+        host_raw = config.pop("host_hparams", {})
+        flags = {k: _typed(f"{where}: {k}", config.pop(k), bool) for k in ("enabled", "progress") if k in config}
+        easyedit = {}
+        for key in list(config):
+            if key not in EASYEDIT_FIELDS:
+                valid = sorted(["host", "host_hparams", "enabled", "progress", *SECTIONS, *EASYEDIT_FIELDS])
+                raise ODEditError(f"{where}: {key}", config[key],
+                                  f"remove it or use one of: {', '.join(valid)}", problem="is not a known key")
+            easyedit[key] = config.pop(key)
+        base_dir = os.path.dirname(os.path.abspath(source_path)) if source_path else os.getcwd()
+        host_mapping = _host_mapping(f"{where}: host_hparams", host_raw, base_dir)
+        hp = cls(host=spec.name, host_hparams=host_raw, easyedit=easyedit, source_path=source_path,
+                 **flags, **sections)
+        hp.host_params = build_host_hparams(spec, host_mapping, _inherited(easyedit), where)
+        _validate_settings(hp, where)
+        return hp
+
+    # -- what EasyEdit sees -------------------------------------------------------------------
+    def __getattr__(self, name: str):
+        # Only called for attributes the dataclass does not define.
+        if name.startswith("__") or name in ("easyedit", "host_params"):
+            raise AttributeError(name)
+        if name in self.easyedit:
+            return self.easyedit[name]
+        host_params = self.__dict__.get("host_params")
+        if host_params is not None and hasattr(host_params, name):
+            return getattr(host_params, name)
+        if name in EASYEDIT_FIELDS:
+            return EASYEDIT_FIELDS[name]
+        raise AttributeError(f"ODEditHyperParams has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value):
+        # EasyEdit assigns e.g. ``hparams.batch_size = 1``; keep those next to the other host fields.
+        if name in {f.name for f in dataclasses.fields(self)}:
+            object.__setattr__(self, name, value)
+        else:
+            self.easyedit[name] = value
+            host_params = self.__dict__.get("host_params")
+            if host_params is not None and hasattr(host_params, name):
+                setattr(host_params, name, value)
+
+    def to_dict(self) -> Dict[str, Any]:
+        out = {"alg_name": self.alg_name, "host": self.host, "host_hparams": self.host_hparams}
+        out.update({k: dataclasses.asdict(getattr(self, k)) for k in SECTIONS})
+        out.update(self.easyedit)
+        return out
+
+
+# -------------------------------------------------------------------------------------------------
+def _resolve_yaml_path(path: str) -> str:
+    if not isinstance(path, (str, os.PathLike)):
+        raise ODEditError("hparams path", path, "pass the path of a YAML file, e.g. 'hparams/ODEdit/x.yaml'")
+    path = str(path)
+    if not path.endswith((".yaml", ".yml")) and not os.path.exists(path):
+        path += ".yaml"
+    if not os.path.isfile(path):
+        raise ODEditFileNotFoundError("hparams path", path, "check the path (relative paths start at the "
+                                      f"current directory, {os.getcwd()})")
+    return path
+
+
+def _read_yaml(path: str, what: str) -> Dict[str, Any]:
+    try:
+        with open(path) as f:
+            config = yaml.safe_load(f)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ODEditError(f"{what} {path}", f"YAML syntax error{where}", "fix the YAML syntax",
+                          problem="cannot be parsed") from None
+    if not isinstance(config, dict):
+        raise ODEditError(f"{what} {path}", config, "the file must hold a mapping of `key: value` lines",
+                          problem="is not a mapping")
+    return config
+
+
+def _host_mapping(field_name: str, raw, base_dir: str) -> Dict[str, Any]:
+    if isinstance(raw, dict):
+        return dict(raw)
+    if isinstance(raw, str):
+        path = raw if os.path.isabs(raw) else os.path.join(base_dir, raw)
+        if not os.path.isfile(path):
+            raise ODEditFileNotFoundError(field_name, path, "give the host's YAML path relative to the "
+                                          "ODEdit YAML, or an inline mapping")
+        return _read_yaml(path, "host hparams file")
+    raise ODEditError(field_name, raw, "give a path to the host's YAML or an inline mapping")
+
+
+def _inherited(easyedit: Dict[str, Any]) -> Dict[str, Any]:
+    """Model fields defined at the top level override the host's (one YAML defines the model)."""
+    return {k: v for k, v in easyedit.items() if k in EASYEDIT_FIELDS}
+
+
+def _build_section(where: str, section_cls, raw) -> Any:
+    if isinstance(raw, section_cls):
+        return raw
+    if not isinstance(raw, dict):
+        raise ODEditError(where, raw, f"give a mapping of {section_cls.__name__} fields")
+    fields = {f.name: f for f in dataclasses.fields(section_cls)}
+    hints = typing.get_type_hints(section_cls)
+    values = {}
+    for key, value in raw.items():
+        if key not in fields:
+            raise ODEditError(f"{where}.{key}", value, f"use one of: {', '.join(fields)}",
+                              problem="is not a known key")
+        values[key] = _typed(f"{where}.{key}", value, hints[key])
+    return section_cls(**values)
+
+
+def _typed(where: str, value, hint):
+    """Check a YAML value against a simple type hint; accept "1e-3" strings for floats."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is Union:
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _typed(where, value, arg)
+            except ODEditError:
+                continue
+        raise ODEditError(where, value, f"give a value of type {_hint_name(hint)}", problem="has the wrong type")
+    if origin in (list, List):
+        if not isinstance(value, list):
+            raise ODEditError(where, value, f"give a YAML list of {_hint_name(args[0])}", problem="has the wrong type")
+        return [_typed(f"{where}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if hint is float:
+        if isinstance(value, bool):
+            raise ODEditError(where, value, "give a number", problem="has the wrong type")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ODEditError(where, value, "give a number, e.g. 0.001 or 1e-3", problem="has the wrong type")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ODEditError(where, value, "give a whole number", problem="has the wrong type")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ODEditError(where, value, "give true or false", problem="has the wrong type")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ODEditError(where, value, "give a string", problem="has the wrong type")
+    return value
+
+
+def _hint_name(hint) -> str:
+    return getattr(hint, "__name__", str(hint).replace("typing.", ""))
+
+
+_CHOICES = {("risks", "kl_direction"): ("post_pre", "pre_post"),
+            ("risks", "kl_positions"): ("answer", "all"),
+            ("risks", "mmd_feature"): ("last_prompt_token", "answer_mean"),
+            ("penalty", "lambda_input"): ("delta_norms", "edit_hidden", "constant")}
+
+
+def _validate_settings(hp: ODEditHyperParams, where: str) -> None:
+    for (section, key), choices in _CHOICES.items():
+        value = getattr(getattr(hp, section), key)
+        if value not in choices:
+            raise ODEditError(f"{where}: {section}.{key}", value, f"use one of: {', '.join(choices)}")
+    counts = {k: getattr(hp.environments, k) for k in ("se_text", "se_image", "se_joint", "out_text",
+                                                       "out_image", "pool_factor")}
+    for key, value in counts.items():
+        if value < 0 or (key == "pool_factor" and value < 1):
+            raise ODEditError(f"{where}: environments.{key}", value, "use a non-negative count (pool_factor >= 1)")
+    if not 0.0 <= hp.environments.near_miss_share <= 1.0:
+        raise ODEditError(f"{where}: environments.near_miss_share", hp.environments.near_miss_share,
+                          "use a fraction between 0 and 1")
+    if hp.penalty.lambda_max <= 0 or hp.penalty.lambda_init < 0 or hp.penalty.lambda_init >= hp.penalty.lambda_max:
+        raise ODEditError(f"{where}: penalty.lambda_init/lambda_max",
+                          (hp.penalty.lambda_init, hp.penalty.lambda_max),
+                          "use 0 <= lambda_init < lambda_max")
+    if not hp.risks.mmd_bandwidths or any(b <= 0 for b in hp.risks.mmd_bandwidths):
+        raise ODEditError(f"{where}: risks.mmd_bandwidths", hp.risks.mmd_bandwidths, "give positive multipliers")
+    if hp.optimiser.steps < 0:
+        raise ODEditError(f"{where}: optimiser.steps", hp.optimiser.steps, "use 0 or more steps")

@@ -1,0 +1,181 @@
+"""``apply_odedit_to_multimodal_model``: what ``ALG_MULTIMODAL_DICT['ODEdit']`` runs.
+
+Called by EasyEdit's ``MultimodalEditor`` exactly like any multimodal method:
+``apply(model, tok, [request] or request, hparams, copy=False, return_orig_weights=True,
+keep_original_weight=...)`` -> ``(edited_model, restore)``. ``restore`` is a ``RestorePoint``: a
+callable (GitHub main restores callables for algorithms in ``CALLABLE_RESTORE_ALGS``) that is also
+a ``{name: original tensor}`` mapping (the PyPI release copies ``weights_copy.items()`` back).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import weakref
+from typing import Dict, List, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import compat
+from ..environments import EnvironmentBuilder, EnvironmentSampler, Row, edit_view
+from ..errors import ODEditError
+from ..models.adapter import MultimodalLMAdapter
+from ..registry import build_host
+from ..validation import check_request
+from .objective import EditRows, ODEditObjective
+
+# Originals of every parameter changed since a model's first un-restored ODEdit edit.
+_HISTORY: "weakref.WeakKeyDictionary[torch.nn.Module, Dict[str, torch.Tensor]]" = weakref.WeakKeyDictionary()
+
+
+class RestorePoint(dict):
+    """``{parameter name: original tensor}`` that can also restore itself when called."""
+
+    def __init__(self, model: torch.nn.Module, originals: Dict[str, torch.Tensor]):
+        super().__init__(originals)
+        self._model = weakref.ref(model)
+
+    def __call__(self) -> None:
+        model = self._model()
+        if model is not None:
+            _copy_back(model, self)
+
+
+def _copy_back(model: torch.nn.Module, originals: Dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in originals.items():
+            params[name].copy_(value)
+    history = _HISTORY.get(model)
+    if history is not None:
+        for name in originals:
+            if name in history and torch.equal(history[name], params[name]):
+                del history[name]
+
+
+def restore_all(model: torch.nn.Module) -> int:
+    """Undo every ODEdit edit applied to ``model`` since it was last restored (sequential editing).
+    Returns the number of tensors restored."""
+    history = _HISTORY.pop(model, {})
+    _copy_back(model, history)
+    return len(history)
+
+
+def _unwrap(model) -> MultimodalLMAdapter:
+    if isinstance(model, MultimodalLMAdapter):
+        return model
+    raise ODEditError("model", type(model).__name__,
+                      "ODEdit drives models through the plugin's adapter: set `name` (with model_name: blip2) "
+                      "to a plugin checkpoint or a transformers LLaVA / BLIP-2 directory")
+
+
+def _edit_seed(hparams, view: dict) -> int:
+    """Depends on the seed and the edit itself, never on a request's evaluation fields."""
+    digest = hashlib.sha256(f"{view['prompt']}\x00{view['target']}".encode()).digest()
+    return (int(hparams.seed) * 1_000_003 + int.from_bytes(digest[:4], "little")) % (2 ** 31)
+
+
+def apply_odedit_to_multimodal_model(model, tok, requests, hparams, copy: bool = False,
+                                     return_orig_weights: bool = False, keep_original_weight: bool = False,
+                                     **kwargs):
+    adapter = _unwrap(model)
+    requests = [requests] if isinstance(requests, dict) else list(requests)
+    views = [edit_view(check_request(r, adapter.tokenizer, i)) for i, r in enumerate(requests)]
+    host = build_host(hparams)
+    originals = {}
+    with _restore_on_failure(adapter, originals):
+        for view in views:
+            edit_once(adapter, view, hparams, host, originals)
+    history = _HISTORY.setdefault(adapter, {})
+    for name, value in originals.items():
+        history.setdefault(name, value)
+    return model, (RestorePoint(adapter, originals) if keep_original_weight else {})
+
+
+@contextlib.contextmanager
+def _restore_on_failure(adapter: MultimodalLMAdapter, originals: Dict[str, torch.Tensor]):
+    """Any exception - NaN, a bad host, KeyboardInterrupt - leaves the weights as they were."""
+    try:
+        yield
+    except BaseException:
+        _copy_back(adapter, originals)
+        raise
+
+
+def edit_once(adapter: MultimodalLMAdapter, view: dict, hparams, host, originals: Dict[str, torch.Tensor]) -> Dict:
+    """One edit: environments, then the host's optimisation with the ODEdit objective."""
+    seed = _edit_seed(hparams, view)
+    use_odedit = bool(getattr(hparams, "enabled", True))
+    rows = build_rows(adapter, view, hparams, seed) if use_odedit else [Row("IN", view["prompt"], view["target"], view.get("image"))]
+    edit_rows = EditRows(adapter, rows, hparams.risks.kl_positions)
+    named = dict(adapter.named_parameters())
+    for name in host.touched(adapter):
+        originals.setdefault(name, named[name].detach().clone())
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # LoRA's initialisation draws from the global generator
+        params = host.prepare(adapter)
+    previous = _train_only(adapter, params)
+    try:
+        objective = ODEditObjective(adapter, edit_rows, params, hparams, host.lr, host.optimizer, use_odedit)
+        sampler = EnvironmentSampler(rows, hparams.environments, seed)
+        logs = {}
+        for _ in tqdm(range(host.num_steps), desc=f"ODEdit[{hparams.host}]", leave=False,
+                      disable=not getattr(hparams, "progress", False)):
+            logs = objective.update(sampler.sample())
+    finally:
+        host.finalize(adapter)
+        _restore_requires_grad(adapter, previous)
+    return logs
+
+
+def _train_only(adapter: MultimodalLMAdapter, params: Dict[str, torch.nn.Parameter]) -> Dict[str, bool]:
+    """Gradients only for the edited parameters (restored afterwards)."""
+    previous = {n: p.requires_grad for n, p in adapter.named_parameters()}
+    chosen = {id(p) for p in params.values()}
+    for p in adapter.parameters():
+        p.requires_grad_(id(p) in chosen)
+    return previous
+
+
+def _restore_requires_grad(adapter: MultimodalLMAdapter, previous: Dict[str, bool]) -> None:
+    for name, p in adapter.named_parameters():
+        if name in previous:
+            p.requires_grad_(previous[name])
+
+
+def build_rows(adapter: MultimodalLMAdapter, view: dict, hparams, seed: int) -> List[Row]:
+    env = hparams.environments
+    builder = EnvironmentBuilder(env, _image_processor(hparams), getattr(hparams, "coco_image", ""), seed)
+    rows = builder.in_and_se(view)
+    out = builder.out_candidates(view)
+
+    def image_features(images):
+        with torch.no_grad():
+            return adapter.encode_images(torch.stack(images)).float().mean(1)
+
+    rows += out["text"] + builder.near_and_far(view, rows, out["image"], image_features)
+    _fill_unedited_answers(adapter, rows, n_tokens=len(adapter.tokenizer(view["target"])["input_ids"]))
+    return rows
+
+
+def _image_processor(hparams):
+    """The processor EasyEdit's LAVIS path applies to request images, so pool images match them."""
+    return compat.module("dataset.processor.blip_processors").BlipImageEvalProcessor(image_size=364, mean=None, std=None)
+
+
+@torch.no_grad()
+def _fill_unedited_answers(adapter: MultimodalLMAdapter, rows: List[Row], n_tokens: int) -> None:
+    """Rows without a target get the unedited model's greedy answer (what must not change)."""
+    todo = [r for r in rows if r.target is None]
+    if not todo:
+        return
+    answers = [""] * len(todo)
+    for _ in range(max(n_tokens, 1)):
+        texts = [f"{r.prompt} {a}".rstrip() for r, a in zip(todo, answers)]
+        lens = [len(adapter.tokenizer(t)["input_ids"]) for t in texts]
+        batch = adapter.embed(texts, [r.image for r in todo], lens)
+        logits, _ = adapter.decode(batch)
+        next_ids = logits[:, -1].argmax(-1).tolist()
+        answers = [f"{a} {adapter.tokenizer.decode([t]).strip()}".strip() for a, t in zip(answers, next_ids)]
+    for row, answer in zip(todo, answers):
+        row.target = answer

@@ -1,0 +1,79 @@
+"""The IRM-TV penalty and its learned multiplier (paper Eqs. 9-13).
+
+omega is a scalar "environment classifier" multiplying the logits, evaluated at 1.0. For each
+environment e the risk's gradient g_e = dR_e/d omega is taken with create_graph, so the penalty
+(mean_e |g_e|)^2 can itself be minimised. The multiplier lambda = softplus(MLP(features)) is a
+Lagrange multiplier: the edited parameters descend on G = R + lambda * TV while the MLP ascends
+(primal-dual, Eq. 13). lambda is squashed into [0, lambda_max) so it can never run away or go
+negative.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def omega() -> torch.Tensor:
+    """The dummy classifier scale at 1.0 (IRM's w = 1.0)."""
+    return torch.tensor(1.0, requires_grad=True)
+
+
+def tv_penalty(env_risks: Sequence[torch.Tensor], scale: torch.Tensor) -> torch.Tensor:
+    """(mean_e |dR_e/d omega|)^2, differentiable in the model parameters (TV-l1, Eq. 9)."""
+    grads = [torch.autograd.grad(risk, scale, create_graph=True)[0] for risk in env_risks
+             if risk.requires_grad]
+    if not grads:
+        return scale * 0.0
+    return torch.stack([g.abs() for g in grads]).mean() ** 2
+
+
+class LagrangeMultiplier(nn.Module):
+    """lambda(delta, phi_e) = lambda_max * tanh(softplus(MLP(features)) / lambda_max).
+
+    The MLP's input must be cheap for a 7B model (the reference implementation flattens every
+    parameter, impossible there). ``delta_norms`` feeds the relative size of the host's change to
+    each edited tensor: a handful of numbers that depend on phi_e, as Prop. 4.2 requires.
+    ``edit_hidden`` feeds the edit prompt's last hidden state; ``constant`` makes lambda a learned
+    scalar."""
+
+    def __init__(self, hidden: int = 16, init: float = 1.0, max_value: float = 10.0):
+        super().__init__()
+        self.hidden, self.max_value = hidden, max_value
+        self.net = None  # built on first use, when the feature size is known
+        self._init_bias = _inverse_softplus(max_value * math.atanh(min(init / max_value, 0.999)))
+
+    def _build(self, n_features: int, device) -> None:
+        self.net = nn.Sequential(nn.Linear(n_features, self.hidden), nn.ReLU(), nn.Linear(self.hidden, 1)).to(device)
+        with torch.no_grad():
+            self.net[-1].weight.mul_(0.01)
+            self.net[-1].bias.fill_(self._init_bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        features = features.detach().float().reshape(-1)
+        if self.net is None:
+            self._build(features.numel(), features.device)
+        raw = F.softplus(self.net(features)).squeeze()
+        return self.max_value * torch.tanh(raw / self.max_value)
+
+    @torch.no_grad()
+    def ascend(self, lr: float) -> None:
+        """Dual step: gradient *ascent* on G (Eq. 13), reusing the primal backward pass."""
+        for p in self.net.parameters():
+            if p.grad is not None and torch.isfinite(p.grad).all():
+                p.add_(lr * p.grad)
+            p.grad = None
+
+
+def _inverse_softplus(y: float) -> float:
+    return y + math.log(-math.expm1(-y)) if y < 20 else y
+
+
+def delta_norm_features(params: Dict[str, torch.Tensor], originals: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """log(1 + ||phi_e - phi||) for each edited tensor, in a fixed order. Absolute, not relative:
+    LoRA's B matrices start at zero."""
+    with torch.no_grad():
+        return torch.stack([(params[k].float() - originals[k].float()).norm().log1p() for k in sorted(params)])

@@ -1,0 +1,65 @@
+"""Host registry (peft's shape): a host's name maps to its hparams class and its host class.
+
+``host_spec("FT-L")`` -> ``HostSpec``; ``build_host(hparams)`` -> a host object ODEdit drives.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional
+
+from .errors import ODEditError
+from .hosts.builtin import FineTuneHost, FTHyperParams, LoRAHost, LoRAHyperParams
+
+
+@dataclass(frozen=True)
+class HostSpec:
+    name: str
+    hparams_class: Optional[type]
+    make: Optional[Callable[[Any], Any]]
+    family: str
+    note: str = ""
+
+
+HOSTS: Dict[str, HostSpec] = {
+    "FT-L": HostSpec("FT-L", FTHyperParams, lambda hp: FineTuneHost(hp, vision=False), "optimise",
+                     "fine-tunes language-model layers"),
+    "FT-V": HostSpec("FT-V", FTHyperParams, lambda hp: FineTuneHost(hp, vision=True), "optimise",
+                     "fine-tunes the vision-language projector"),
+    "LoRA": HostSpec("LoRA", LoRAHyperParams, LoRAHost, "optimise", "LoRA adapters through peft, merged after the edit"),
+}
+ALIASES = {"FT": "FT-L", "FT_L": "FT-L", "FT_V": "FT-V", "LORA": "LoRA"}
+NOT_DECORATABLE = {"IKE": "IKE edits in context (it only prepends demonstrations) and changes no weight, so "
+                          "there is nothing for ODEdit to optimise; use `alg_name: IKE` with EasyEdit's own "
+                          "IKEMultimodalHyperParams instead"}
+
+
+def host_spec(name: str, where: str = "hparams") -> HostSpec:
+    key = ALIASES.get(name, ALIASES.get(name.upper(), name))
+    if key.upper() in NOT_DECORATABLE:
+        raise ODEditError(f"{where}: host", name, NOT_DECORATABLE[key.upper()], problem="cannot be decorated")
+    if key not in HOSTS:
+        raise ODEditError(f"{where}: host", name, f"use one of: {', '.join(HOSTS)}", problem="is not a known host")
+    return HOSTS[key]
+
+
+def build_host_hparams(spec: HostSpec, mapping: Dict[str, Any], inherited: Dict[str, Any], where: str):
+    from .odedit.odedit_hparams import _typed
+
+    cls = spec.hparams_class
+    names = {f.name for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for key, value in mapping.items():
+        if key in names:
+            values[key] = _typed(f"{where}: host_hparams.{key}", value, hints[key])
+        elif key not in inherited and key not in ("alg_name", "alg", "model_name", "name", "device"):
+            raise ODEditError(f"{where}: host_hparams.{key}", value,
+                              f"{spec.name} takes: {', '.join(sorted(names))}", problem="is not a known key")
+    return cls(**values)
+
+
+def build_host(hparams):
+    spec = host_spec(hparams.host)
+    return spec.make(hparams.host_params)
