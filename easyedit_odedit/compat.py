@@ -243,7 +243,8 @@ def _dedupe_handlers(logger: logging.Logger) -> None:
     """EasyEdit's ``make_logs`` adds a file and a stream handler on every editor construction."""
     seen, kept = set(), []
     for handler in logger.handlers:
-        key = (type(handler), getattr(handler, "baseFilename", None), getattr(handler, "stream", None))
+        target = getattr(handler, "baseFilename", None) or id(getattr(handler, "stream", None))
+        key = (type(handler), target)
         if key in seen:
             handler.close()
             continue

@@ -35,19 +35,21 @@ class LagrangeMultiplier(nn.Module):
     """lambda(delta, phi_e) = lambda_max * tanh(softplus(MLP(features)) / lambda_max).
 
     The MLP's input must be cheap for a 7B model (the reference implementation flattens every
-    parameter, impossible there). ``delta_norms`` feeds the relative size of the host's change to
+    parameter, impossible there). ``delta_norms`` feeds the size of the change to
     each edited tensor: a handful of numbers that depend on phi_e, as Prop. 4.2 requires.
     ``edit_hidden`` feeds the edit prompt's last hidden state; ``constant`` makes lambda a learned
     scalar."""
 
-    def __init__(self, hidden: int = 16, init: float = 1.0, max_value: float = 10.0):
+    def __init__(self, hidden: int = 16, init: float = 1.0, max_value: float = 10.0, seed: int = 0):
         super().__init__()
-        self.hidden, self.max_value = hidden, max_value
+        self.hidden, self.max_value, self.seed = hidden, max_value, seed
         self.net = None  # built on first use, when the feature size is known
         self._init_bias = _inverse_softplus(max_value * math.atanh(min(init / max_value, 0.999)))
 
     def _build(self, n_features: int, device) -> None:
-        self.net = nn.Sequential(nn.Linear(n_features, self.hidden), nn.ReLU(), nn.Linear(self.hidden, 1)).to(device)
+        with torch.random.fork_rng(devices=[]):  # reproducible, and the global generator is untouched
+            torch.manual_seed(self.seed)
+            self.net = nn.Sequential(nn.Linear(n_features, self.hidden), nn.ReLU(), nn.Linear(self.hidden, 1)).to(device)
         with torch.no_grad():
             self.net[-1].weight.mul_(0.01)
             self.net[-1].bias.fill_(self._init_bias)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from . import compat
 
-ALG_NAME, TRAIN_KEY = "ODEdit", "ODEDIT"
+ALG_NAME = "ODEdit"
 
 
 def register() -> None:
@@ -15,8 +15,3 @@ def register() -> None:
     if compat.flavour() == compat.MAIN:
         # main restores callables for these algorithms; ODEdit returns a callable RestorePoint.
         compat.module("editors.utils").CALLABLE_RESTORE_ALGS.add(ALG_NAME)
-    try:
-        from .trainer import ODEditTrainable
-    except ImportError:
-        return
-    compat.alg_train_dict()[TRAIN_KEY] = ODEditTrainable

