@@ -310,6 +310,16 @@ def _install_model_factories() -> None:
                 setattr(mod, cls_name, _plugin_aware(current, path_kwarg))
 
 
+def process_image_file(processor, path: str):
+    """EasyEdit's BLIP processors take a PIL image in the PyPI release and a path on main."""
+    if flavour() == MAIN:
+        return processor(path)
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return processor(image.convert("RGB"))
+
+
 # ---------------------------------------------------------------------------------------------
 # Hparams quirks of the PyPI release
 # ---------------------------------------------------------------------------------------------

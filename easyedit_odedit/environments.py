@@ -247,13 +247,12 @@ class EnvironmentBuilder:
 
 
 def _load_processed_image(path: str, processor: Optional[Callable]) -> torch.Tensor:
-    from PIL import Image
+    from . import compat
 
     if not os.path.isfile(path):
         raise ODEditFileNotFoundError("environments.locality_pool image", path,
                                       "set environments.locality_image_root to the pool's image folder")
-    with Image.open(path) as img:
-        return processor(img.convert("RGB"))
+    return compat.process_image_file(processor, path)
 
 
 class EnvironmentSampler:

@@ -29,12 +29,12 @@ def test_derived_attributes_answer_every_question_of_the_image(split):
 
 
 def test_every_easy_vqa_question_has_a_template_and_family():
-    texts, answers, _, _ = W._raw("test")
+    texts, answers, _ = W.raw_questions("test")
     for text, ans in zip(texts, answers):
         template, slot = W.parse_question(text)
         assert W.fill(template, slot) == text
         assert ans in {"colour": W.COLOURS, "shape": W.SHAPES, "yesno": W.YES_NO}[template.family]
-    used = {W.parse_question(t)[0].id for t in W._raw("train")[0]}
+    used = {W.parse_question(t)[0].id for t in W.raw_questions("train")[0]}
     assert used == {t.id for t in W.TEMPLATES}
 
 

@@ -190,7 +190,8 @@ def evaluate_model(adapter, pixels_by_path: Optional[Dict[str, torch.Tensor]] = 
                    seed: int = 0) -> Dict[str, float]:
     """Accuracy (%) on every easy-vqa question of ``split`` (all images, kept or not) per family,
     and on the text-only questions (``text_train`` / ``text_heldout``)."""
-    texts, answers, image_ids, paths = world._raw(split)
+    texts, answers, image_ids = world.raw_questions(split)
+    paths = world.image_paths(split)
     if pixels_by_path is None:
         ordered = [paths[i] for i in sorted(paths)]
         pixels_by_path = dict(zip(ordered, model_pixels(ordered, adapter.image_size)))

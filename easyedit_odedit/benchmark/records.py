@@ -110,7 +110,8 @@ def build_records(split: str, n: int, seed: int, predict=None) -> List[dict]:
     """n E-VQA records on ``split`` images (``train`` or ``test``). ``predict(list of (image,
     question)) -> list of answers`` gives ``pred`` (the base model's answer); without it ``pred``
     is the true answer."""
-    world._check_split(split)
+    if split not in world.SPLITS:
+        raise ValueError(f"split must be one of {world.SPLITS}, got {split!r}")
     rng = random.Random(f"{seed}:{split}")
     pools = _Pools(split)
     text_split = "heldout" if split == "test" else "train"
@@ -196,7 +197,7 @@ def referenced_images(records: Iterable[dict]) -> List[str]:
 
 def copy_images(relpaths: Iterable[str], image_root: str) -> int:
     """Copy the easy-vqa PNGs named by relative paths (``split/id.png``) under ``image_root``."""
-    sources = {split: world._raw(split)[3] for split in world.SPLITS}
+    sources = {split: world.image_paths(split) for split in world.SPLITS}
     count = 0
     for rel in relpaths:
         split, name = rel.split("/")
@@ -208,12 +209,12 @@ def copy_images(relpaths: Iterable[str], image_root: str) -> int:
     return count
 
 
-def model_predictor(adapter, image_root_sources=None, batch_size: int = 128):
+def model_predictor(adapter, batch_size: int = 128):
     """``predict`` for ``build_records``: the model's greedy first answer token after the VQA
     prompt, on the image as EasyEdit processes it."""
     from .pixels import model_pixels
 
-    sources = {split: world._raw(split)[3] for split in world.SPLITS}
+    sources = {split: world.image_paths(split) for split in world.SPLITS}
 
     def predict(rows: Sequence[Tuple[str, str]]) -> List[str]:
         out = []

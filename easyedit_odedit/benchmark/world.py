@@ -206,6 +206,16 @@ def _raw(split: str):
     return tuple(texts), tuple(answers), tuple(image_ids), dict(paths)
 
 
+def raw_questions(split: str) -> Tuple[Tuple[str, ...], Tuple[str, ...], Tuple[int, ...]]:
+    """easy-vqa's own (texts, answers, image ids) of a split, every image included."""
+    return _raw(split)[:3]
+
+
+def image_paths(split: str) -> Dict[int, str]:
+    """easy-vqa's PNG path of every image id of a split (kept or dropped)."""
+    return dict(_raw(split)[3])
+
+
 def derive_attributes(qa: Sequence[Tuple[str, str]]) -> Tuple[Optional[str], Optional[str]]:
     """(shape, colour) of one image from its own (question, answer) pairs, or None for an
     attribute its answers do not determine or contradict.
