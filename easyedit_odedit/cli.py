@@ -37,7 +37,7 @@ def _demo(out: str, host: str) -> dict:
         json.dump([{"loc": "what is two plus two ?", "loc_ans": "four"},
                    {"loc": "what is one plus one ?", "loc_ans": "two"}], f)
     config = {"alg_name": "ODEdit", "host": host, "enabled": True,
-              "host_hparams": {"layers": [0, 1], "modules": ["mlp", "self_attn"], "num_steps": 40, "lr": 0.05},
+              "host_hparams": {"layers": [0, 1], "modules": ["mlp", "self_attn"], "num_steps": 40, "lr": 0.01},
               "model_name": "blip2", "name": model_dir, "tokenizer_class": "PreTrainedTokenizerFast",
               "tokenizer_name": model_dir, "device": 0, "coco_image": "", "rephrase_image": "",
               "environments": {"locality_pool": pool, "out_image": 0}}
@@ -54,7 +54,8 @@ def _demo(out: str, host: str) -> dict:
                                     "ground_truth": ["circle"]}},
         keep_original_weight=True, verbose=False)
     result = {"host": host, "seconds": round(time.time() - start, 2),
-              **{phase: {k: float(v) for k, v in metrics[0][phase].items()} for phase in ("pre", "post")}}
+              **{phase: {k: float(v) for k, v in metrics[0][phase].items() if k.endswith("_acc")}
+                 for phase in ("pre", "post")}}
     with open(os.path.join(out, "demo.json"), "w") as f:
         json.dump(result, f, indent=2)
     keys = sorted(result["post"])

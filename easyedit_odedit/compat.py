@@ -229,14 +229,29 @@ def host_scope():
         yield
 
 
-def _scoped(method):
+def _scoped(method, check=None):
     @functools.wraps(method)
     def wrapper(*args, **kwargs):
+        if check is not None:
+            args, kwargs = check(method, args, kwargs)
         with host_scope():
             return method(*args, **kwargs)
 
     wrapper.__odedit_scoped__ = True
     return wrapper
+
+
+def _check_odedit_edit(method, args, kwargs):
+    """Before EasyEdit's ``MultimodalEditor.edit`` touches its arguments: for ODEdit editors only,
+    check them (``validation.validate_edit_call``), so bad input fails with ``ODEditError``
+    instead of EasyEdit's bare AssertionError / KeyError / PIL error."""
+    editor = args[0] if args else None
+    if getattr(editor, "alg_name", None) != "ODEdit":
+        return args, kwargs
+    from .validation import validate_edit_call
+
+    rest, kwargs = validate_edit_call(editor, args[1:], kwargs, method=method)
+    return (editor, *rest), kwargs
 
 
 def _dedupe_handlers(logger: logging.Logger) -> None:
@@ -275,7 +290,8 @@ def _wrap_entry_points() -> None:
             continue
         if owner is editor_cls and name == "__init__":
             method = _editor_init(method)
-        setattr(owner, name, _scoped(method))
+        check = _check_odedit_edit if (owner is editor_cls and name == "edit") else None
+        setattr(owner, name, _scoped(method, check))
 
 
 # ---------------------------------------------------------------------------------------------

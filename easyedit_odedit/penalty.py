@@ -4,7 +4,7 @@ omega is a scalar "environment classifier" multiplying the logits, evaluated at 
 environment e the risk's gradient g_e = dR_e/d omega is taken with create_graph, so the penalty
 (mean_e |g_e|)^2 can itself be minimised. The multiplier lambda = softplus(MLP(features)) is a
 Lagrange multiplier: the edited parameters descend on G = R + lambda * TV while the MLP ascends
-(primal-dual, Eq. 13). lambda is squashed into [0, lambda_max) so it can never run away or go
+(primal-dual, Eq. 13). lambda is projected into [0, lambda_max], so it can never run away or go
 negative.
 """
 from __future__ import annotations
@@ -32,19 +32,20 @@ def tv_penalty(env_risks: Sequence[torch.Tensor], scale: torch.Tensor) -> torch.
 
 
 class LagrangeMultiplier(nn.Module):
-    """lambda(delta, phi_e) = lambda_max * tanh(softplus(MLP(features)) / lambda_max).
+    """lambda(delta, phi_e) = softplus(MLP(features)), kept in [0, lambda_max] by projection.
 
     The MLP's input must be cheap for a 7B model (the reference implementation flattens every
-    parameter, impossible there). ``delta_norms`` feeds the size of the change to
-    each edited tensor: a handful of numbers that depend on phi_e, as Prop. 4.2 requires.
-    ``edit_hidden`` feeds the edit prompt's last hidden state; ``constant`` makes lambda a learned
-    scalar."""
+    parameter, impossible there). ``delta_norms`` feeds the size of the change to each edited
+    tensor: a handful of numbers that depend on phi_e, as Prop. 4.2 requires. ``edit_hidden``
+    feeds the edit prompt's last hidden state; ``constant`` makes lambda a learned scalar.
+    The bound is a projection after each dual step rather than a squashing function, so lambda
+    never sits on a flat part of a sigmoid where the dual gradient vanishes."""
 
     def __init__(self, hidden: int = 16, init: float = 1.0, max_value: float = 10.0, seed: int = 0):
         super().__init__()
         self.hidden, self.max_value, self.seed = hidden, max_value, seed
         self.net = None  # built on first use, when the feature size is known
-        self._init_bias = _inverse_softplus(max_value * math.atanh(min(init / max_value, 0.999)))
+        self._init_bias = _inverse_softplus(max(init, 1e-4))
 
     def _build(self, n_features: int, device) -> None:
         with torch.random.fork_rng(devices=[]):  # reproducible, and the global generator is untouched
@@ -58,16 +59,29 @@ class LagrangeMultiplier(nn.Module):
         features = features.detach().float().reshape(-1)
         if self.net is None:
             self._build(features.numel(), features.device)
-        raw = F.softplus(self.net(features)).squeeze()
-        return self.max_value * torch.tanh(raw / self.max_value)
+        self._features = features
+        lam = F.softplus(self.net(features)).squeeze()
+        # above the bound: the value is lambda_max but the dual gradient still flows (a clamp would
+        # stop it, and lambda could never come down again)
+        return lam * (self.max_value / lam).detach() if lam.item() > self.max_value else lam
 
-    @torch.no_grad()
-    def ascend(self, lr: float) -> None:
-        """Dual step: gradient *ascent* on G (Eq. 13), reusing the primal backward pass."""
-        for p in self.net.parameters():
-            if p.grad is not None and torch.isfinite(p.grad).all():
-                p.add_(lr * p.grad)
-            p.grad = None
+    def ascend(self, lam: torch.Tensor, constraint: float, lr: float) -> None:
+        """Dual step (Eq. 13): gradient *ascent* of lambda * (TV - tolerance) in the MLP's
+        parameters, then projection onto lambda <= lambda_max. With a tolerance > 0, lambda shrinks
+        again once the penalty is below it."""
+        params = list(self.net.parameters())
+        grads = [g if g is not None else torch.zeros_like(p)
+                 for p, g in zip(params, torch.autograd.grad(lam * constraint, params, allow_unused=True))]
+        norm = torch.sqrt(sum((g.float() ** 2).sum() for g in grads))
+        if not torch.isfinite(norm):
+            return
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                p.add_(lr * g / norm.clamp(min=1.0))  # unit-clipped: a large penalty cannot blow the MLP up
+            out = self.net(self._features).squeeze()
+            ceiling = _inverse_softplus(self.max_value)
+            if out.item() > ceiling:
+                self.net[-1].bias.sub_(out - ceiling)
 
 
 def _inverse_softplus(y: float) -> float:

@@ -17,6 +17,11 @@ def state(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def numeric(section):
+    """EasyEdit's metrics as floats (main adds non-numeric entries such as metric_meta)."""
+    return {k: float(v) for k, v in section.items() if k.endswith("_acc")}
+
+
 def same(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -26,20 +31,18 @@ def test_edit_returns_easyedit_metrics_and_restores_bit_identically(world, host)
     editor = MultimodalEditor.from_hparams(ODEditHyperParams.from_hparams(write_yaml(world, host, HOSTS[host])))
     before = state(editor.model)
     metrics, edited, restore = editor.edit(**edit_kwargs(world), keep_original_weight=True, verbose=False)
-    post = {k: float(v) for k, v in metrics[0]["post"].items()}
+    post = numeric(metrics[0]["post"])
     assert set(post) >= {"rewrite_acc", "rephrase_acc", "image_rephrase_acc", "locality_acc", "multimodal_locality_acc"}
     assert all(0.0 <= v <= 1.0 for v in post.values())
     assert same(before, state(editor.model))  # EasyEdit restored through the returned weights
 
 
-@pytest.mark.parametrize("enabled", [False, pytest.param(True, marks=pytest.mark.xfail(
-    strict=True, reason="known defect: with the ODEdit objective the edit does not take within 40 steps on the "
-                        "random tiny model (rel NLL stays > 0.1); host alone reaches 1.0. Under investigation"))])
+@pytest.mark.parametrize("enabled", [False, True])
 def test_the_edit_takes_on_a_trained_small_model(world, enabled):
     """Post rewrite_acc 1.0 via EasyEdit's own evaluation. The test world's images are all noise,
     so image near misses are indistinguishable from the edit image and would (rightly) fight the
     edit; only text locality is used here."""
-    hp = ODEditHyperParams.from_hparams(write_yaml(world, "FT-L", {"layers": [0, 1], "num_steps": 40, "lr": 0.05,
+    hp = ODEditHyperParams.from_hparams(write_yaml(world, "FT-L", {"layers": [0, 1], "num_steps": 40, "lr": 0.01,
                                                                    "modules": ["mlp", "self_attn"]},
                                                    environments={"locality_pool": str(world / "pool.json"),
                                                                  "out_image": 0}, enabled=enabled))

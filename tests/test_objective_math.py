@@ -54,11 +54,12 @@ def test_lambda_is_nonnegative_bounded_and_ascends():
     lam = tv.LagrangeMultiplier(hidden=8, init=1.0, max_value=3.0)
     features = torch.tensor([0.5, 2.0])
     assert abs(lam(features).item() - 1.0) < 0.05
-    for _ in range(200):  # relentless ascent on a positive penalty
-        value = lam(features) * 5.0
-        value.backward()
-        lam.ascend(lr=10.0)
+    for _ in range(200):  # relentless ascent while the penalty exceeds its tolerance
+        lam.ascend(lam(features), constraint=5.0, lr=10.0)
     final = lam(features).item()
     assert 1.0 < final <= 3.0
+    for _ in range(400):  # penalty below tolerance: lambda comes down again, never below 0
+        lam.ascend(lam(features), constraint=-5.0, lr=10.0)
+    assert 0.0 <= lam(features).item() < final
     for extreme in (torch.full((2,), 1e6), torch.full((2,), -1e6)):
         assert 0.0 <= lam(extreme).item() <= 3.0

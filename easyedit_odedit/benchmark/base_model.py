@@ -11,7 +11,10 @@ Recipe (see ``RECIPE``): every batch holds ``per_image`` questions on each of ``
 train images (the tower runs once per image), question families drawn with fixed weights, every
 template equally often, and yes/no questions generated with the asked-about attribute true half of
 the time, so the answer is never predictable from the text alone; plus a batch of text-only
-questions. A training-only auxiliary head on the pooled tower output predicts shape and colour; it
+questions. With every yes/no group equally likely the answer is match XOR negation and neither
+alone correlates with it: training sat at chance for 900+ steps. So for the first
+``yesno_curriculum`` of the steps the positive groups come twice as often as the negated ones
+(match alone then predicts the answer), and all groups equally often afterwards. A training-only auxiliary head on the pooled tower output predicts shape and colour; it
 is not part of the saved adapter. The image tower trains with batch statistics (BatchNorm in
 training mode); the saved adapter runs it in eval mode with the running statistics.
 
@@ -49,6 +52,7 @@ RECIPE = dict(batch=128, per_image=4, text_batch=32, lr=2e-3, min_lr_ratio=0.05,
               weight_decay=0.01, grad_clip=1.0, family_weights={"colour": 1.0, "shape": 1.0, "yesno": 2.0},
               yesno_group_weights={"yesno.colour": 2.0, "yesno.colour.not": 1.0, "yesno.shape": 2.0,
                                    "yesno.shape.not": 1.0},
+              yesno_curriculum=0.4,
               text_config={},
               text_weight=1.0, aux_weight=1.0, val_fraction=0.05, eval_every=250)
 DEFAULT_STEPS = 2000
@@ -276,6 +280,8 @@ def train(out: str, steps: int = DEFAULT_STEPS, seed: int = 0, threads: int = 1,
     t_train = time.time()
     bar = tqdm(range(steps), disable=not progress, dynamic_ncols=True, mininterval=2.0)
     for step in bar:
+        if step == int(recipe["yesno_curriculum"] * steps):
+            sampler.group_weights = {}  # every paraphrase group equally often from here on
         adapter.train()
         adapter.image_encoder.train()  # batch statistics while the base model learns
         aux.train()

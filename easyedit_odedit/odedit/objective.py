@@ -127,6 +127,7 @@ class ODEditObjective:
         envs = [self.rows.envs[i] for i in idx]
         logs: Dict[str, float] = {}
         r_rel = per_env["IN"]
+        weight = 0.0
         if not self.use_odedit:
             objective = r_rel
         else:
@@ -143,12 +144,15 @@ class ODEditObjective:
                 self.optimizer = self._new_optimizer()  # the loss scale jumps: stale Adam moments mislead
             penalty = tv.tv_penalty(list(per_env.values()), scale) if weight > 0 else scale * 0.0
             lam = self.multiplier(self._lambda_features(hidden, envs))
-            objective = r_edit + weight * lam * penalty
+            objective = r_edit + weight * lam.detach() * penalty
+            if hp.penalty.normalise:
+                # the penalty's weight jumps from 0 to w * lambda: keep the gradient scale of the edit
+                objective = objective / (1.0 + weight * lam.detach())
             logs.update(se_nll=r_se.item(), loc_kl=r_loc.item(), gen_mmd=r_gen.item(),
                         tv=penalty.item(), lam=lam.item())
         self._descend(objective)
-        if self.use_odedit:
-            self.multiplier.ascend(hp.penalty.dual_lr)
+        if self.use_odedit and weight > 0:
+            self.multiplier.ascend(lam, weight * (penalty.item() - hp.penalty.tv_tolerance), hp.penalty.dual_lr)
         self.step += 1
         logs.update(rel_nll=r_rel.item(), objective=objective.item())
         return logs

@@ -74,6 +74,8 @@ class PenaltySettings:
     lambda_init: float = 1.0
     lambda_max: float = 10.0
     dual_lr: float = 0.01
+    tv_tolerance: float = 0.0           # dual ascent on lambda * (TV - tolerance); 0 is the paper's Eq. 13
+    normalise: bool = True              # divide G by (1 + w * lambda), as DomainBed's IRM does
 
 
 @dataclass
@@ -319,5 +321,7 @@ def _validate_settings(hp: ODEditHyperParams, where: str) -> None:
                           "use 0 <= lambda_init < lambda_max")
     if not hp.risks.mmd_bandwidths or any(b <= 0 for b in hp.risks.mmd_bandwidths):
         raise ODEditError(f"{where}: risks.mmd_bandwidths", hp.risks.mmd_bandwidths, "give positive multipliers")
+    if hp.penalty.tv_tolerance < 0:
+        raise ODEditError(f"{where}: penalty.tv_tolerance", hp.penalty.tv_tolerance, "use 0 or a positive number")
     if hp.optimiser.steps < 0:
         raise ODEditError(f"{where}: optimiser.steps", hp.optimiser.steps, "use 0 or more steps")
