@@ -222,10 +222,35 @@ def _full_unpickling_for_easyedit_archives():
             os.environ[key] = previous
 
 
+def _is_monkey_patched(module) -> bool:
+    return any(cls.__name__ == "_MonkeyPatchBase" for cls in type(module).__mro__)
+
+
+@contextlib.contextmanager
+def _sliceable_patched_module_lists():
+    """MEND runs the model through ``higher``-style monkey-patched module copies (EasyEdit's
+    ``trainer/algs/patch.py``). transformers 5's Llama iterates ``self.layers[:n]``, and slicing a
+    ModuleList rebuilds it with ``self.__class__(modules)``, which the patched class cannot do.
+    While EasyEdit runs, a slice of a patched ModuleList is a plain ModuleList of the same
+    (patched) layers."""
+    original = torch.nn.ModuleList.__getitem__
+
+    def getitem(self, idx):
+        if isinstance(idx, slice) and _is_monkey_patched(self):
+            return torch.nn.ModuleList(list(self._modules.values())[idx])
+        return original(self, idx)
+
+    torch.nn.ModuleList.__getitem__ = getitem
+    try:
+        yield
+    finally:
+        torch.nn.ModuleList.__getitem__ = original
+
+
 @contextlib.contextmanager
 def host_scope():
     """Everything EasyEdit's own entry points need on today's stack, for one call."""
-    with cpu_redirect(), _full_unpickling_for_easyedit_archives():
+    with cpu_redirect(), _full_unpickling_for_easyedit_archives(), _sliceable_patched_module_lists():
         yield
 
 
@@ -279,6 +304,19 @@ def _editor_init(original):
     return __init__
 
 
+TRAINER_INIT_HOOKS: list = []  # called with each trainer EasyEdit builds (registration adds ODEdit's)
+
+
+def _trainer_init(original):
+    @functools.wraps(original)
+    def __init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        for hook in TRAINER_INIT_HOOKS:
+            hook(self)
+
+    return __init__
+
+
 def _wrap_entry_points() -> None:
     editor_cls = module("editors.multimodal_editor").MultimodalEditor
     trainer_mod = module("trainer.BaseTrainer")
@@ -290,6 +328,8 @@ def _wrap_entry_points() -> None:
             continue
         if owner is editor_cls and name == "__init__":
             method = _editor_init(method)
+        if owner is trainer_mod.BaseTrainer and name == "__init__":
+            method = _trainer_init(method)
         check = _check_odedit_edit if (owner is editor_cls and name == "edit") else None
         setattr(owner, name, _scoped(method, check))
 

@@ -11,6 +11,7 @@ from typing import Any, Callable, Dict, Optional
 
 from .errors import ODEditError
 from .hosts.builtin import FineTuneHost, FTHyperParams, LoRAHost, LoRAHyperParams
+from .hosts.easyedit_native import EASYEDIT_HOSTS, build_easyedit_hparams
 
 
 @dataclass(frozen=True)
@@ -28,8 +29,10 @@ HOSTS: Dict[str, HostSpec] = {
     "FT-V": HostSpec("FT-V", FTHyperParams, lambda hp: FineTuneHost(hp, vision=True), "optimise",
                      "fine-tunes the vision-language projector"),
     "LoRA": HostSpec("LoRA", LoRAHyperParams, LoRAHost, "optimise", "LoRA adapters through peft, merged after the edit"),
+    "MEND": HostSpec("MEND", None, None, "train", "EasyEdit's MEND; ODEdit extends its meta-training objective"),
+    "SERAC": HostSpec("SERAC", None, None, "train", "EasyEdit's SERAC_MULTI; ODEdit extends its meta-training objective"),
 }
-ALIASES = {"FT": "FT-L", "FT_L": "FT-L", "FT_V": "FT-V", "LORA": "LoRA"}
+ALIASES = {"FT": "FT-L", "FT_L": "FT-L", "FT_V": "FT-V", "LORA": "LoRA", "SERAC_MULTI": "SERAC"}
 NOT_DECORATABLE = {"IKE": "IKE edits in context (it only prepends demonstrations) and changes no weight, so "
                           "there is nothing for ODEdit to optimise; use `alg_name: IKE` with EasyEdit's own "
                           "IKEMultimodalHyperParams instead"}
@@ -47,6 +50,8 @@ def host_spec(name: str, where: str = "hparams") -> HostSpec:
 def build_host_hparams(spec: HostSpec, mapping: Dict[str, Any], inherited: Dict[str, Any], where: str):
     from .odedit.odedit_hparams import _typed
 
+    if spec.name in EASYEDIT_HOSTS:
+        return build_easyedit_hparams(spec.name, mapping, inherited, where)
     cls = spec.hparams_class
     names = {f.name for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
@@ -62,4 +67,9 @@ def build_host_hparams(spec: HostSpec, mapping: Dict[str, Any], inherited: Dict[
 
 def build_host(hparams):
     spec = host_spec(hparams.host)
+    if spec.make is None:
+        raise ODEditError("host", hparams.host,
+                          f"{spec.name} with ODEdit is trained with EasyEdit's MultimodalTrainer (alg: ODEdit); "
+                          "editing with a trained archive is not supported yet: use the archive with "
+                          f"EasyEdit's own {spec.name} hparams", problem="cannot edit per request")
     return spec.make(hparams.host_params)

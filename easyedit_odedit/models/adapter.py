@@ -84,16 +84,16 @@ class MultimodalLMAdapter(nn.Module):
         return self
 
     # -- EasyEdit's interface ---------------------------------------------------------------
-    def forward(self, samples, output_hidden_states: bool = False, logit_scale=None) -> AdapterOutput:
+    def forward(self, samples, logit_scale=None) -> AdapterOutput:
         if isinstance(samples, (list, tuple)):  # main's trainer may pass a list of sample dicts
             samples = _merge_samples(samples)
         self._tokenise_string_labels(samples)
         batch = self.embed(samples["text_input"], samples.get("image"), samples["prompts_len"])
         logits, hidden = self.decode(batch, logit_scale=logit_scale)
         loss = token_nll(logits, batch.labels)
+        # hidden_states: the last layer's, which the decoder computes anyway (ODEdit's MMD reads it)
         return AdapterOutput(loss=loss, logits=logits, labels=batch.labels,
-                             attention_mask=batch.attention_mask,
-                             hidden_states=hidden if output_hidden_states else None)
+                             attention_mask=batch.attention_mask, hidden_states=hidden)
 
     def _tokenise_string_labels(self, samples) -> None:
         """The PyPI release's MEND executor passes target *strings* as labels and later calls
@@ -169,13 +169,17 @@ class MultimodalLMAdapter(nn.Module):
         return EmbeddedBatch(embeds, mask, position_ids, label_t)
 
     def decode(self, batch: EmbeddedBatch, logit_scale=None):
-        """Run the language model; returns (logits * logit_scale, last hidden states)."""
-        out = self.language_model(inputs_embeds=batch.inputs_embeds,
-                                  attention_mask=batch.attention_mask,
-                                  position_ids=batch.position_ids,
-                                  output_hidden_states=True, use_cache=False)
-        logits = out.logits if logit_scale is None else out.logits * logit_scale
-        return logits, out.hidden_states[-1]
+        """Run the language model; returns (logits * logit_scale, last hidden states).
+
+        The decoder and the LM head are called separately (rather than asking the causal LM for
+        ``output_hidden_states``): transformers 5 collects hidden states with hooks that MEND's
+        monkey-patched model copies do not carry."""
+        hidden = self.language_model.get_decoder()(inputs_embeds=batch.inputs_embeds,
+                                                   attention_mask=batch.attention_mask,
+                                                   position_ids=batch.position_ids,
+                                                   use_cache=False).last_hidden_state
+        logits = self.language_model.get_output_embeddings()(hidden)
+        return (logits if logit_scale is None else logits * logit_scale), hidden
 
 
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

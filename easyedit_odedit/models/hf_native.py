@@ -142,6 +142,8 @@ class _Captured(Exception):
 class HFNativeView(MultimodalLMAdapter):
     """``MultimodalLMAdapter``'s protocol over a transformers VLM and its processor."""
 
+    feature_size = 384  # pixels; the square size images are resized to in ``encode_images``
+
     def __init__(self, model: nn.Module, processor):
         roots = _vision_roots(model)
         vision, text = _mirror(model, "", roots, "vision"), _mirror(model, "", roots, "text")
@@ -282,11 +284,17 @@ class HFNativeView(MultimodalLMAdapter):
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] -> [B, N, D]: the decoder inputs at the image-token positions of a row that
-        holds only the image (same-size images give the same N)."""
+        holds only the image. Images are first resized to ``feature_size`` x ``feature_size``, so
+        every image gives the same N (these models' token counts follow the image size, and ODEdit
+        compares the features of images of different sizes)."""
+        from PIL import Image
+
         images = images if images.dim() == 4 else images.unsqueeze(0)
+        size = (self.feature_size, self.feature_size)
         feats = []
         for image in images:
-            row = self._row("", "", _to_pil_list(image))
+            pil = [p.resize(size, Image.BICUBIC) for p in _to_pil_list(image)]
+            row = self._row("", "", pil)
             feats.append(row["embeds"][row["input_ids"].to(row["embeds"].device) == self.image_token_id])
         return torch.stack(feats)
 

@@ -66,3 +66,110 @@ def save_tiny_hf(path: str, model_type: str, seed: int = 0) -> str:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+# ------------------------------------------------------------------------------------------------
+# Tiny models of the real architectures the shipped YAMLs name (same transformers config classes,
+# same module and parameter names, 3 decoder layers so the YAMLs' negative layer indices resolve)
+# ------------------------------------------------------------------------------------------------
+TINY_ARCHITECTURES = ("blip2-opt", "llava-1.5", "qwen2-vl", "llava-onevision")
+
+# Chat templates in the shape of the real models' (Qwen2 im_start/im_end turns); written here,
+# because a tiny word-level vocabulary cannot hold the real templates' system prompts.
+_QWEN2_VL_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for c in message['content'] %}"
+    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+_LLAVA_OV_TEMPLATE = _QWEN2_VL_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<image>\n")
+
+
+def _chat_tokenizer(special_tokens):
+    tokenizer = tiny_tokenizer(["user assistant"])
+    tokenizer.add_special_tokens({"additional_special_tokens": list(special_tokens)})
+    return tokenizer
+
+
+def save_tiny_arch(path: str, arch: str, seed: int = 0, layers: int = 3) -> str:
+    """Write a tiny random model of ``arch`` (one of ``TINY_ARCHITECTURES``) to ``path``.
+
+    * ``blip2-opt``: ``Blip2ForConditionalGeneration`` with an OPT decoder (Salesforce/blip2-opt-2.7b's
+      classes; ``model.decoder.layers.N.fc1``), loaded by the plugin through EasyEdit's LAVIS path.
+    * ``llava-1.5``: ``LlavaForConditionalGeneration`` (CLIP + Llama, ``vision_feature_layer=-2``,
+      ``default`` feature selection, like llava-1.5-7b-hf), LAVIS path.
+    * ``qwen2-vl`` / ``llava-onevision``: ``Qwen2VLForConditionalGeneration`` /
+      ``LlavaOnevisionForConditionalGeneration`` with a processor and chat template, for GitHub main's
+      HF path; main recognises them by folder name, so ``path`` must contain ``qwen2-vl`` /
+      ``llava-onevision``.
+    """
+    if arch not in TINY_ARCHITECTURES:
+        raise ValueError(f"arch must be one of {TINY_ARCHITECTURES}, got {arch!r}")
+    if arch in ("qwen2-vl", "llava-onevision") and arch not in os.path.basename(os.path.normpath(path)).lower():
+        raise ValueError(f"GitHub main recognises {arch} models by folder name: put {arch!r} in {path!r}")
+    torch.manual_seed(seed)
+    processor = None
+    if arch == "blip2-opt":
+        tokenizer = tiny_tokenizer()
+        vision = transformers.Blip2VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                num_attention_heads=2, image_size=32, patch_size=8)
+        qformer = transformers.Blip2QFormerConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                  num_attention_heads=2, encoder_hidden_size=32)
+        text = transformers.OPTConfig(vocab_size=len(tokenizer), hidden_size=64, ffn_dim=128, num_hidden_layers=layers,
+                                      num_attention_heads=4, word_embed_proj_dim=64, pad_token_id=0,
+                                      bos_token_id=2, eos_token_id=2)
+        config = transformers.Blip2Config(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(),
+                                          text_config=text.to_dict(), num_query_tokens=4)
+        model = transformers.Blip2ForConditionalGeneration(config)
+    elif arch == "llava-1.5":
+        tokenizer = tiny_tokenizer()
+        vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                               num_attention_heads=2, image_size=32, patch_size=8)
+        text = transformers.LlamaConfig(vocab_size=len(tokenizer) + 1, hidden_size=64, intermediate_size=128,
+                                        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4)
+        config = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=len(tokenizer),
+                                          vision_feature_layer=-2, vision_feature_select_strategy="default",
+                                          projector_hidden_act="gelu")
+        model = transformers.LlavaForConditionalGeneration(config)
+    elif arch == "qwen2-vl":
+        specials = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+        tokenizer = _chat_tokenizer(specials)
+        ids = {t: tokenizer.convert_tokens_to_ids(t) for t in specials}
+        pixels = dict(patch_size=4, temporal_patch_size=2, merge_size=2, min_pixels=16 * 16, max_pixels=32 * 32)
+        processor = transformers.Qwen2VLProcessor(
+            image_processor=transformers.Qwen2VLImageProcessor(**pixels),
+            video_processor=transformers.Qwen2VLVideoProcessor(**pixels),
+            tokenizer=tokenizer, chat_template=_QWEN2_VL_TEMPLATE)
+        vision = dict(depth=1, embed_dim=16, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=4,
+                      spatial_merge_size=2, temporal_patch_size=2)
+        text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                    num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=None, eos_token_id=2,
+                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+        config = transformers.Qwen2VLConfig(vision_config=vision, text_config=text, image_token_id=ids["<|image_pad|>"],
+                                            video_token_id=ids["<|video_pad|>"],
+                                            vision_start_token_id=ids["<|vision_start|>"],
+                                            vision_end_token_id=ids["<|vision_end|>"])
+        model = transformers.Qwen2VLForConditionalGeneration(config)
+    else:  # llava-onevision
+        specials = ["<|im_start|>", "<|im_end|>", "<image>", "<video>"]
+        tokenizer = _chat_tokenizer(specials)
+        pinpoints = [[32, 32], [32, 64], [64, 32], [64, 64]]
+        processor = transformers.LlavaOnevisionProcessor(
+            image_processor=transformers.LlavaOnevisionImageProcessor(size={"height": 32, "width": 32},
+                                                                      image_grid_pinpoints=pinpoints),
+            video_processor=transformers.LlavaOnevisionVideoProcessor(size={"height": 32, "width": 32}),
+            tokenizer=tokenizer, num_image_tokens=16, vision_feature_select_strategy="full",
+            vision_aspect_ratio="anyres_max_9", chat_template=_LLAVA_OV_TEMPLATE)
+        vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, image_size=32, patch_size=8, vision_use_head=False)
+        text = dict(model_type="qwen2", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                    num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
+        config = transformers.LlavaOnevisionConfig(
+            vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+            video_token_index=tokenizer.convert_tokens_to_ids("<video>"), image_grid_pinpoints=pinpoints,
+            vision_feature_select_strategy="full", vision_feature_layer=-1)
+        model = transformers.LlavaOnevisionForConditionalGeneration(config)
+    os.makedirs(path, exist_ok=True)
+    model.save_pretrained(path)
+    (processor or tokenizer).save_pretrained(path)
+    return path

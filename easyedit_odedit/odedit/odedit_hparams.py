@@ -181,6 +181,13 @@ class ODEditHyperParams:
             if host_params is not None and hasattr(host_params, name):
                 setattr(host_params, name, value)
 
+    @property
+    def host_params_alg(self) -> str:
+        """The host's key in EasyEdit's ALG_TRAIN_DICT (MEND, SERAC_MULTI)."""
+        from ..hosts.easyedit_native import EASYEDIT_HOSTS
+
+        return EASYEDIT_HOSTS[self.host][0]
+
     def to_dict(self) -> Dict[str, Any]:
         out = {"alg_name": self.alg_name, "host": self.host, "host_hparams": self.host_hparams}
         out.update({k: dataclasses.asdict(getattr(self, k)) for k in SECTIONS})

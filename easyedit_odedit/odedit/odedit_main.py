@@ -64,7 +64,7 @@ def restore_all(model: torch.nn.Module) -> int:
 def _unwrap(model) -> MultimodalLMAdapter:
     if isinstance(model, MultimodalLMAdapter):
         return model
-    if type(model).__name__ in ("Qwen2VLForConditionalGeneration", "LlavaOnevisionForConditionalGeneration"): from ..models.hf_native import view_for; return view_for(model)  # noqa: E501,E702 (main's HF path)
+    if type(model).__name__ in ("Qwen2VLForConditionalGeneration", "LlavaOnevisionForConditionalGeneration"): from ..models.hf_native import view_for; return view_for(model)  # noqa: E501,E701,E702 (main's HF path)
     raise ODEditError("model", type(model).__name__,
                       "ODEdit drives models through the plugin's adapter: set `name` (with model_name: blip2) "
                       "to a plugin checkpoint or a transformers LLaVA / BLIP-2 directory")

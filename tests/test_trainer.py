@@ -1,0 +1,46 @@
+"""MEND meta-training with the ODEdit objective through EasyEdit's own MultimodalTrainer."""
+import json
+import os
+
+import torch
+import yaml
+
+from easyedit_odedit import ODEditHyperParams, compat
+from easyedit_odedit.trainer import ODEditMultimodalTrainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _vqa_json(world, path, n):
+    records = [{"src": "what color is the shape ?", "pred": "red", "alt": ["green", "blue", "teal"][i % 3],
+                "rephrase": "what is the color of the shape ?", "image": f"img/{i % 6}.png",
+                "image_rephrase": f"img/{(i + 1) % 6}.png", "loc": "what is two plus two ?", "loc_ans": "four",
+                "m_loc": f"img/{(i + 2) % 6}.png", "m_loc_q": "what shape is in the image ?", "m_loc_a": "circle"}
+               for i in range(n)]
+    path.write_text(json.dumps(records))
+    return str(path)
+
+
+def test_mend_meta_trains_with_the_odedit_objective(world, tmp_path):
+    config = yaml.safe_load(open(os.path.join(ROOT, "hparams/TRAINING/ODEdit/tiny-mend.yaml")))
+    config.update(name=str(world / "model"), tokenizer_name=str(world / "model"), coco_image=str(world),
+                  rephrase_image=str(world), results_dir=str(tmp_path / "results"),
+                  host_hparams=os.path.join(ROOT, "hparams/TRAINING/MEND/tiny-host.yaml"))
+    (tmp_path / "mend.yaml").write_text(yaml.safe_dump(config))
+    hp = ODEditHyperParams.from_hparams(str(tmp_path / "mend.yaml"))
+    assert hp.alg == "ODEdit" and hp.host_params_alg == "MEND"
+    VQADataset = compat.module("dataset.vqa").VQADataset
+    train = VQADataset(_vqa_json(world, tmp_path / "train.json", 8), config=hp)
+    val = VQADataset(_vqa_json(world, tmp_path / "val.json", 4), config=hp)
+    from easyeditor import MultimodalTrainer
+
+    trainer = MultimodalTrainer(config=hp, train_set=train, val_set=val)
+    assert isinstance(trainer, ODEditMultimodalTrainer)
+    assert type(trainer.model).__name__ == "MEND"
+    before = {k: v.clone() for k, v in trainer.model.mend.state_dict().items()}
+    trainer.run()
+    assert any(not torch.equal(before[k], v) for k, v in trainer.model.mend.state_dict().items())
+    assert trainer._odedit_step > 0 and "odedit/tv" in trainer._odedit_logs
+    assert all(torch.isfinite(torch.tensor(v)) for v in trainer._odedit_logs.values())
+    archive = tmp_path / "results" / "models" / "ODEdit" / "blip2"  # {results_dir}/models/{alg}/{model_name}
+    assert archive.exists()
