@@ -85,7 +85,7 @@ def shipped_hparams(path: str, arch: str, model_dir: str, world, num_steps: int 
     """The shipped YAML with only the paths, the device of main-only models and the steps replaced."""
     config = yaml.safe_load(open(path))
     if ARCHS[arch][1]:
-        config.update(model_name=model_dir, device="cpu")
+        config.update(model_name=model_dir, name=model_dir, device="cpu")
     else:
         config.update(name=model_dir, tokenizer_name=model_dir)
     config.update(coco_image=str(world), rephrase_image=str(world))

@@ -306,31 +306,37 @@ def _rss_kib():
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
 
 
+def _traced(snapshot) -> int:
+    """Traced bytes, less what the test harness keeps: pytest stores every captured log record
+    (EasyEdit logs each edit at INFO) and warning."""
+    harness = ["*/logging/__init__.py", "*/traceback.py", "*/linecache.py", "*/tracemalloc.py", "*/_pytest/*",
+               "*/pluggy/*", "*/warnings.py"]
+    kept = snapshot.filter_traces([tracemalloc.Filter(False, pattern) for pattern in harness])
+    return sum(stat.size for stat in kept.statistics("filename"))
+
+
 def _live_tensors():
     return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
 
 
 def test_twenty_edits_leak_no_fd_handler_tensor_or_memory(editor, world):
-    """Measured on the 2-core CI box (20 edits after 3 warm-up edits): fds, handlers and live
-    tensors constant; tracemalloc +25 KiB; RSS wanders +-25 MiB with the allocator. The bounds
-    are about 10x and 2.5x that."""
+    """Measured on the 2-core dev box (20 edits after 3 warm-up edits): fds, handlers and live
+    tensors constant; traced Python memory outside the test harness +25 KiB; RSS wanders by up to
+    45 MiB with the allocator (no trend). The bounds are about 10x and 1.5x that. (Tensor storage
+    is invisible to tracemalloc: the live-tensor count covers it.)"""
     kwargs = edit_kwargs(world)
     before = state(editor.model)
     for _ in range(3):  # warm-up: lazy imports, caches (locality pool, processors)
         editor.edit(**kwargs, keep_original_weight=True, verbose=False)
     gc.collect()
     fds, handlers, tensors, rss = len(os.listdir("/proc/self/fd")), _handler_count(), _live_tensors(), _rss_kib()
-    tracemalloc.start(40)
+    tracemalloc.start()
     try:
-        base = tracemalloc.get_traced_memory()[0]
-        snap1 = tracemalloc.take_snapshot()
+        first = _traced(tracemalloc.take_snapshot())
         for _ in range(20):
             editor.edit(**kwargs, keep_original_weight=True, verbose=False)
         gc.collect()
-        grown = tracemalloc.get_traced_memory()[0] - base
-        snap2 = tracemalloc.take_snapshot()
-        for st in snap2.compare_to(snap1, "traceback")[:6]:
-            print(st); print("\n".join(st.traceback.format()[:40]))
+        grown = _traced(tracemalloc.take_snapshot()) - first
     finally:
         tracemalloc.stop()
     print(f"20 edits: fds {fds}->{len(os.listdir('/proc/self/fd'))}, handlers {handlers}->{_handler_count()}, "

@@ -49,10 +49,10 @@ VISION_CONFIG = dict(num_channels=3, embedding_size=32, hidden_sizes=[32, 64, 12
 TEXT_CONFIG = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
                    num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=False)
 RECIPE = dict(batch=128, per_image=4, text_batch=32, lr=2e-3, min_lr_ratio=0.05, warmup=100,
-              weight_decay=0.01, grad_clip=1.0, family_weights={"colour": 1.0, "shape": 1.0, "yesno": 2.0},
+              weight_decay=0.01, grad_clip=1.0, family_weights={"colour": 1.0, "shape": 1.0, "yesno": 4.0},
               yesno_group_weights={"yesno.colour": 2.0, "yesno.colour.not": 1.0, "yesno.shape": 2.0,
                                    "yesno.shape.not": 1.0},
-              yesno_curriculum=0.4,
+              yesno_curriculum=1.0,
               text_config={},
               text_weight=1.0, aux_weight=1.0, val_fraction=0.05, eval_every=250)
 DEFAULT_STEPS = 2000

@@ -29,9 +29,10 @@ model without wrapping, moving or copying anything:
   placeholder scattering, LLaVA-OneVision's anyres packing and Qwen2-VL's 3-D M-RoPE positions are
   exactly the model's; the rows are then left-padded into one batch. ``position_ids`` are ``[B, L]``
   or, for M-RoPE, batch-first ``[B, 3, L]`` (so ODEdit can index rows) and are put back to
-  ``[3, B, L]`` for the decoder. ``decode`` is one batched forward of the whole model with
-  ``inputs_embeds`` (no pixels), so the prefix cache works unchanged. Cost: one vision+embedding
-  forward per row (the same work a batched call does), one decoder forward per batch.
+  ``[3, B, L]`` for the decoder. ``decode`` runs the text decoder and then the LM head once on the
+  whole padded batch (no pixels), so the prefix cache works unchanged. Cost: one vision+embedding
+  forward per row (the same work a batched call does), one decoder forward per batch; ODEdit embeds
+  the rows once per edit, and again every step only when vision parameters are edited (FT-V).
 * **Images** may be PIL images, lists of PIL images (main's Qwen request format), ``uint8`` tensors
   ``[3, H, W]`` (raw pixels) or float tensors ``[3, H, W]``, which are taken to be EasyEdit's BLIP
   eval-processor output (OpenAI-CLIP mean/std, the format of ODEdit's locality-pool images) and are
@@ -274,13 +275,17 @@ class HFNativeView(MultimodalLMAdapter):
         return EmbeddedBatch(embeds, mask, positions, labels)
 
     def decode(self, batch: EmbeddedBatch, logit_scale=None):
+        """The text decoder, then the LM head, on the whole batch (no pixels: the image features
+        are in ``inputs_embeds``). Returns (logits * logit_scale, final-norm hidden states); only
+        the last hidden state is kept, not every layer's."""
         positions = batch.position_ids
         if positions.dim() == 3:  # batch-first [B, 3, L] -> the decoder's [3, B, L]
             positions = positions.permute(1, 0, 2)
-        out = self.hf_model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
-                            position_ids=positions, output_hidden_states=True, use_cache=False)
-        logits = out.logits if logit_scale is None else out.logits * logit_scale
-        return logits, out.hidden_states[-1]
+        decoder = self.hf_model.get_submodule(self.decoder_path)
+        hidden = decoder(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
+                         position_ids=positions, use_cache=False).last_hidden_state
+        logits = self.hf_model.get_output_embeddings()(hidden)
+        return (logits if logit_scale is None else logits * logit_scale), hidden
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] -> [B, N, D]: the decoder inputs at the image-token positions of a row that
@@ -339,6 +344,14 @@ def _to_pil_list(image) -> list:
     raise TypeError(f"cannot use {type(image).__name__} as an image")
 
 
+def pixel_tensor(image) -> torch.Tensor:
+    """A PIL image (or a one-image list, main's Qwen format) -> a ``uint8`` tensor ``[3, H, W]``."""
+    images = _to_pil_list(image)
+    if len(images) != 1:
+        raise ValueError(f"expected one image, got {len(images)}")
+    return torch.from_numpy(np.asarray(images[0]).copy()).permute(2, 0, 1).contiguous()
+
+
 class PixelTensorLoader:
     """A ``vis_tok`` for main's editor with HF models: ``loader(path, file_type="image")`` -> a
     ``uint8`` tensor ``[3, H, W]`` (resized so the longer side is at most ``max_side`` if given).
@@ -358,4 +371,4 @@ class PixelTensorLoader:
                 scale = self.max_side / max(image.size)
                 image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
                                      Image.BICUBIC)
-            return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).contiguous()
+            return pixel_tensor(image)

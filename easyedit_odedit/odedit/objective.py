@@ -68,6 +68,7 @@ class ODEditObjective:
         self.reembed = any(not k.startswith("language_model.") or "embed" in k for k in params)
         self.cache = self._prefix_cache() if hp.optimiser.cache_prefix and not self.reembed else None
         self.step = 0
+        self.best = None  # (objective, {name: tensor}) of the best iterate that makes the edit
 
     def _new_optimizer(self) -> torch.optim.Optimizer:
         return getattr(torch.optim, self.optimizer_name)(list(self.params.values()), lr=self.lr)
@@ -150,12 +151,33 @@ class ODEditObjective:
                 objective = objective / (1.0 + weight * lam.detach())
             logs.update(se_nll=r_se.item(), loc_kl=r_loc.item(), gen_mmd=r_gen.item(),
                         tv=penalty.item(), lam=lam.item())
+        self._remember_if_best(objective, logits, batch, envs)
         self._descend(objective)
         if self.use_odedit and weight > 0:
             self.multiplier.ascend(lam, weight * (penalty.item() - hp.penalty.tv_tolerance), hp.penalty.dual_lr)
         self.step += 1
         logs.update(rel_nll=r_rel.item(), objective=objective.item())
         return logs
+
+    @torch.no_grad()
+    def _remember_if_best(self, objective, logits, batch: EmbeddedBatch, envs) -> None:
+        """Keep the iterate with the lowest objective among those that make the edit (every target
+        token of IN is the argmax). A primal-dual trajectory is not monotone; this is early
+        stopping on the training risk, never on evaluation data."""
+        j = envs.index("IN")
+        labels = batch.labels[j, 1:]
+        mask = labels != risks.IGNORE
+        makes_edit = bool((logits[j, :-1].argmax(-1)[mask] == labels[mask]).all())
+        value = objective.item()
+        if makes_edit and (self.best is None or value < self.best[0]):
+            self.best = (value, {k: p.detach().clone() for k, p in self.params.items()})
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        """Load the best iterate found (if any iterate made the edit)."""
+        if self.best is not None:
+            for name, value in self.best[1].items():
+                self.params[name].copy_(value)
 
     def _lambda_features(self, hidden, envs) -> torch.Tensor:
         kind = self.hp.penalty.lambda_input

@@ -123,6 +123,7 @@ def edit_once(adapter: MultimodalLMAdapter, view: dict, hparams, host, originals
         for _ in tqdm(range(host.num_steps), desc=f"ODEdit[{hparams.host}]", leave=False,
                       disable=not getattr(hparams, "progress", False)):
             logs = objective.update(sampler.sample())
+        objective.finish()
     finally:
         host.finalize(adapter)
         _restore_requires_grad(adapter, previous)
