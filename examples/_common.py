@@ -30,7 +30,8 @@ def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--hparams", help="an ODEdit YAML (default: a tiny random model with tiny-ft-l.yaml)")
     p.add_argument("--data", help="an E-VQA JSON (default: synthetic records written to --work)")
-    p.add_argument("--image-root", help="folder the --data image paths are relative to (default: the YAML's coco_image)")
+    p.add_argument("--image-root", help="folder the --data image paths are relative to "
+                                        "(default: the YAML's coco_image)")
     p.add_argument("--work", default="results/examples", help="folder for the synthetic world, logs and metrics")
     p.add_argument("--num-steps", type=int, help="override host_hparams.num_steps")
     return p
@@ -130,7 +131,8 @@ def edit_arguments(hp, recs: List[dict], args) -> dict:
                 image=[image_path(hp, r["image"], args) for r in recs],
                 rephrase_prompts=[template.format(r["rephrase"]) for r in recs],
                 rephrase_image=[image_path(hp, r["image_rephrase"], args) for r in recs],
-                locality_inputs={"text": {"prompt": [r["loc"] for r in recs], "ground_truth": [r["loc_ans"] for r in recs]},
+                locality_inputs={"text": {"prompt": [r["loc"] for r in recs],
+                                          "ground_truth": [r["loc_ans"] for r in recs]},
                                  "vision": {"image": [image_path(hp, r["m_loc"], args) for r in recs],
                                             "prompt": [template.format(r["m_loc_q"]) for r in recs],
                                             "ground_truth": [r["m_loc_a"] for r in recs]}})

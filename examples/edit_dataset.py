@@ -44,7 +44,8 @@ def main(argv=None):
         for i, rec in enumerate(recs):
             result, _, _ = editor.edit(**C.edit_arguments(hp, [rec], args), keep_original_weight=True, verbose=False)
             metrics.append(dict(result[0], case_id=i))
-    summary = [{"case_id": m["case_id"], "post": C.numeric(m["post"]), "pre": C.numeric(m.get("pre", {}))} for m in metrics]
+    summary = [{"case_id": m["case_id"], "post": C.numeric(m["post"]), "pre": C.numeric(m.get("pre", {}))}
+               for m in metrics]
     for row in summary:
         print(json.dumps(row))
     means = {k: round(sum(r["post"][k] for r in summary) / len(summary), 4) for k in summary[0]["post"]}

@@ -95,7 +95,8 @@ def main(argv=None):
     identical = all(torch.equal(v, model.state_dict()[k]) for k, v in original.items())
     print(f"restore_all: {restored} tensors restored; model bit-identical to the original: {identical}")
     with open("sequential_edit_metrics.json", "w") as f:
-        json.dump({"T": len(requests), "per_edit": rows, "mean_after_all": means, "restored_identical": identical}, f, indent=1)
+        json.dump({"T": len(requests), "per_edit": rows, "mean_after_all": means,
+                   "restored_identical": identical}, f, indent=1)
     if not identical:
         raise SystemExit("restore_all did not restore the original weights")
     return rows

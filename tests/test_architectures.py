@@ -56,6 +56,10 @@ KNOWN_DEFECTS = {
 }
 
 
+def yaml_path(name: str) -> str:
+    return os.path.join(ROOT, "hparams", "ODEdit", f"{name}.yaml")
+
+
 def _yaml_cases():
     cases = []
     for arch, (_, main_only) in ARCHS.items():
@@ -182,9 +186,11 @@ def test_view_rows_reproduce_the_models_own_forward_and_main_s_labels(tiny_model
     assert {id(p) for p in view.parameters()} == {id(p) for p in model.parameters()}
     rng = np.random.default_rng(0)
     pixels = (rng.random((3, 36, 36)) * 255).astype("uint8")
-    blip = (torch.from_numpy(pixels).float() / 255 - torch.tensor(BLIP_MEAN).view(3, 1, 1)) / torch.tensor(BLIP_STD).view(3, 1, 1)
+    mean, std = torch.tensor(BLIP_MEAN).view(3, 1, 1), torch.tensor(BLIP_STD).view(3, 1, 1)
+    blip = (torch.from_numpy(pixels).float() / 255 - mean) / std  # what EasyEdit's BLIP processor gives
     images = [Image.fromarray((rng.random((40, 48, 3)) * 255).astype("uint8")), None, torch.from_numpy(pixels), blip]
-    prompts = ["what color is the shape ?", "what is two plus three ?", "is there a circle ?", "what shape is in the image ?"]
+    prompts = ["what color is the shape ?", "what is two plus three ?", "is there a circle ?",
+               "what shape is in the image ?"]
     targets = ["green", "five", "yes", ""]  # "": the row ODEdit uses to read the unedited model's next token
     texts = [f"{p} {t}".rstrip() for p, t in zip(prompts, targets)]
     with torch.no_grad():
@@ -204,7 +210,8 @@ def test_view_rows_reproduce_the_models_own_forward_and_main_s_labels(tiny_model
         labels = (build_target_labels(inputs["input_ids"], processor.tokenizer, [target])[0] if target
                   else torch.full((n,), -100))
         assert torch.equal(batch.labels[i, -n:], labels)
-    assert (np.asarray(_to_pil_list(blip)[0]).transpose(2, 0, 1).astype(int) - pixels).__abs__().max() <= 1
+    back = np.asarray(_to_pil_list(blip)[0]).transpose(2, 0, 1).astype(int)
+    assert np.abs(back - pixels).max() <= 1  # de-normalised back to the pixels
 
 
 @main_only
@@ -224,7 +231,7 @@ def test_view_names_and_decoder(tiny_model, arch):
 def test_sequential_edits_on_a_native_model_restore_through_the_view(world, tiny_model):
     from easyedit_odedit.models.hf_native import PixelTensorLoader, view_for
 
-    hp = shipped_hparams(os.path.join(ROOT, "hparams/ODEdit/qwen2vl-lora.yaml"), "qwen2vl", tiny_model("qwen2vl"), world)
+    hp = shipped_hparams(yaml_path("qwen2vl-lora"), "qwen2vl", tiny_model("qwen2vl"), world)
     editor = build_editor(hp, "qwen2vl")
     before = state(editor.model)
     image = PixelTensorLoader()(str(world / "img" / "0.png"))
@@ -241,8 +248,7 @@ def test_sequential_edits_on_a_native_model_restore_through_the_view(world, tiny
                                        "main's HF path editor.tok is the AutoProcessor, whose first positional "
                                        "argument is `images`, so the check raises before EasyEdit runs")
 def test_validated_edit_call_on_main_hf_models(world, tiny_model):
-    hp = shipped_hparams(os.path.join(ROOT, "hparams/ODEdit/qwen2vl-ft-l.yaml"), "qwen2vl", tiny_model("qwen2vl"), world,
-                         num_steps=1)
+    hp = shipped_hparams(yaml_path("qwen2vl-ft-l"), "qwen2vl", tiny_model("qwen2vl"), world, num_steps=1)
     editor = build_editor(hp, "qwen2vl")
     editor.edit(**edit_kwargs(world), keep_original_weight=True, verbose=False)
 
@@ -253,8 +259,7 @@ def test_validated_edit_call_on_main_hf_models(world, tiny_model):
 def test_restore_all_accepts_the_raw_native_model(world, tiny_model):
     from easyedit_odedit.models.hf_native import PixelTensorLoader
 
-    hp = shipped_hparams(os.path.join(ROOT, "hparams/ODEdit/qwen2vl-ft-l.yaml"), "qwen2vl", tiny_model("qwen2vl"), world,
-                         num_steps=1)
+    hp = shipped_hparams(yaml_path("qwen2vl-ft-l"), "qwen2vl", tiny_model("qwen2vl"), world, num_steps=1)
     editor = build_editor(hp, "qwen2vl")
     request = {"prompt": "what color is the shape ?", "target": "green",
                "image": PixelTensorLoader()(str(world / "img" / "0.png"))}

@@ -171,7 +171,8 @@ class HFNativeView(MultimodalLMAdapter):
         return int(self.tokenizer.convert_tokens_to_ids(self.processor.image_token))
 
     def train(self, mode: bool = True):
-        """The view never changes the model's train/eval mode (EasyEdit's evaluator relies on it)."""
+        """Only the view's own flag: the skeletons hold the model's modules, and switching them
+        would change the train/eval mode of the model EasyEdit evaluates."""
         self.training = mode
         return self
 

@@ -132,7 +132,8 @@ def save_tiny_arch(path: str, arch: str, seed: int = 0, layers: int = 3) -> str:
                                           projector_hidden_act="gelu")
         model = transformers.LlavaForConditionalGeneration(config)
     elif arch == "qwen2-vl":
-        specials = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+        specials = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                    "<|video_pad|>"]
         tokenizer = _chat_tokenizer(specials)
         ids = {t: tokenizer.convert_tokens_to_ids(t) for t in specials}
         pixels = dict(patch_size=4, temporal_patch_size=2, merge_size=2, min_pixels=16 * 16, max_pixels=32 * 32)

@@ -38,7 +38,7 @@ class EnvironmentSettings:
     se_joint: int = 1           # both shifted at once
     out_text: int = 2           # text-only locality prompts drawn each step
     out_image: int = 4          # image locality prompts drawn each step
-    pool_factor: int = 4        # the per-edit pool holds pool_factor x the per-step count
+    pool_factor: int = 2        # the per-edit pool holds pool_factor x the per-step count
     near_miss_share: float = 0.5  # share of OUT image prompts that are near misses
     locality_pool: Optional[str] = None   # train-split E-VQA/E-IC JSON, or a JSON list of prompts
     locality_image_root: Optional[str] = None  # image root for the pool (default: coco_image)

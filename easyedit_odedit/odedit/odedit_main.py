@@ -148,7 +148,7 @@ def _restore_requires_grad(adapter: MultimodalLMAdapter, previous: Dict[str, boo
 def build_rows(adapter: MultimodalLMAdapter, view: dict, hparams, seed: int) -> List[Row]:
     env = hparams.environments
     builder = EnvironmentBuilder(env, _image_processor(hparams), getattr(hparams, "coco_image", ""), seed)
-    rows = builder.in_and_se(view)
+    rows = builder.in_and_se(view, view_size=adapter.image_size)
     out = builder.out_candidates(view)
 
     def image_features(images):

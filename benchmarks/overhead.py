@@ -1,0 +1,182 @@
+"""Per-edit cost of ODEdit against its host, at equal optimisation steps and default settings.
+
+    python benchmarks/overhead.py [--model DIR] [--host FT-L] [--steps 20] [--edits 5] [--device cpu]
+
+Modes, each in its own process (so peak memory is its own):
+  host          the host alone: the edit prompt, NLL, ``steps`` steps
+  batched_nll   a plain step over the same environment rows ODEdit uses (mean NLL of every row):
+                what "batching the environments" costs by itself
+  odedit        host + ODEdit (environments, KL, MMD, TV penalty, lambda), prefix cache on
+  odedit_nocache  the same without caching the activations below the edited layers
+Prints a table (median seconds per edit, the set-up share, peak memory) and the ratios the
+method issue sets targets for: odedit/host time and memory, odedit/batched_nll time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+MODES = ("host", "batched_nll", "odedit", "odedit_nocache")
+
+
+def _world(root: str) -> dict:
+    import numpy as np
+    from PIL import Image
+
+    os.makedirs(os.path.join(root, "img"), exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(16):
+        Image.fromarray((rng.random((64, 64, 3)) * 255).astype("uint8")).save(os.path.join(root, "img", f"{i}.png"))
+    pool = [{"image": f"img/{i}.png", "src": "what shape is in the image ?", "pred": "circle",
+             "loc": "what is two plus two ?", "loc_ans": "four"} for i in range(16)]
+    with open(os.path.join(root, "pool.json"), "w") as f:
+        json.dump(pool, f)
+    return {"locality_pool": os.path.join(root, "pool.json"), "locality_image_root": root}
+
+
+def _model_dir(requested: str, root: str) -> str:
+    if requested:
+        return requested
+    shipped = os.path.join(os.path.dirname(__file__), "..", "easyedit_odedit", "assets", "minimmedit-base")
+    if os.path.isfile(os.path.join(shipped, "odedit_model.json")):
+        return shipped
+    from easyedit_odedit.models.tiny import save_tiny_conv_llama
+
+    return save_tiny_conv_llama(os.path.join(root, "tiny"), hidden=128, layers=4)
+
+
+def run_mode(mode: str, args) -> dict:
+    """One process, one mode: ``edits`` edits, each timed; peak memory at the end."""
+    import resource
+
+    import torch
+
+    import easyedit_odedit  # noqa: F401
+    from easyedit_odedit import ODEditHyperParams, compat
+    from easyedit_odedit.models.loading import load_adapter
+    from easyedit_odedit.odedit import odedit_main
+    from easyedit_odedit.odedit.objective import ODEditObjective
+    from easyedit_odedit.registry import build_host
+
+    torch.set_num_threads(args.threads)
+    root = tempfile.mkdtemp()
+    env = _world(root)
+    model_dir = _model_dir(args.model, root)
+    host_hparams = {"layers": [-1], "num_steps": args.steps, "lr": 1e-3}
+    if args.host == "FT-V":
+        host_hparams = {"num_steps": args.steps, "lr": 1e-3, "modules": ["projector"]}
+    hp = ODEditHyperParams.from_dict({
+        "host": args.host, "host_hparams": host_hparams, "enabled": mode != "host", "model_name": "blip2",
+        "name": model_dir, "environments": env,
+        "optimiser": {"cache_prefix": mode != "odedit_nocache"}})
+    adapter = load_adapter(model_dir).to(args.device)
+
+    class BatchedNLL(ODEditObjective):
+        def update(self, idx):
+            batch, logits, _ = self.forward(idx, None)
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                                     batch.labels[:, 1:].reshape(-1), ignore_index=-100)
+            self._descend(loss)
+            self.step += 1
+            return {"objective": loss.item()}
+
+    if mode == "batched_nll":
+        odedit_main.ODEditObjective = BatchedNLL
+    processor = odedit_main._image_processor(hp)
+    image = compat.process_image_file(processor, os.path.join(root, "img", "0.png")).to(args.device)
+    targets = ["red", "green", "blue", "teal", "gray", "black", "brown", "yellow"]
+    times, setup = [], []
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(args.edits + 1):  # the first edit warms up and is not counted
+        view = {"prompt": "Question: what color is the shape? Short answer:", "target": targets[i % len(targets)],
+                "image": image}
+        originals = {}
+        start = time.perf_counter()
+        t_rows = _timed_setup(setup, i > 0)
+        odedit_main.edit_once(adapter, view, hp, build_host(hp), originals)
+        elapsed = time.perf_counter() - start
+        t_rows.restore()
+        odedit_main._copy_back(adapter, originals)
+        if i > 0:
+            times.append(elapsed)
+    peak = (torch.cuda.max_memory_allocated() / 2 ** 20 if args.device.startswith("cuda")
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return {"mode": mode, "seconds": statistics.median(times), "setup": statistics.median(setup) if setup else 0.0,
+            "peak_mb": peak, "params": sum(p.numel() for p in adapter.parameters())}
+
+
+class _timed_setup:
+    """Times ``build_rows`` + ``EditRows`` (environment construction, once per edit)."""
+
+    def __init__(self, sink, record):
+        from easyedit_odedit.odedit import odedit_main
+
+        self.module, self.sink, self.record = odedit_main, sink, record
+        self.originals = (odedit_main.build_rows, odedit_main.EditRows)
+        self.total = 0.0
+
+        def timed(fn):
+            def wrapper(*a, **k):
+                t = time.perf_counter()
+                try:
+                    return fn(*a, **k)
+                finally:
+                    self.total += time.perf_counter() - t
+            return wrapper
+
+        odedit_main.build_rows, odedit_main.EditRows = timed(self.originals[0]), timed(self.originals[1])
+
+    def restore(self):
+        self.module.build_rows, self.module.EditRows = self.originals
+        if self.record:
+            self.sink.append(self.total)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="")
+    parser.add_argument("--host", default="FT-L", choices=["FT-L", "FT-V", "LoRA"])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--edits", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
+    parser.add_argument("--json", default="")
+    args = parser.parse_args(argv)
+    if args.mode:
+        print(json.dumps(run_mode(args.mode, args)))
+        return
+    results = {}
+    from tqdm import tqdm
+
+    for mode in tqdm(MODES, desc="modes"):
+        cmd = [sys.executable, __file__, "--mode", mode, "--host", args.host, "--steps", str(args.steps),
+               "--edits", str(args.edits), "--threads", str(args.threads), "--device", args.device]
+        if args.model:
+            cmd += ["--model", args.model]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+    host = results["host"]
+    print(f"\nhost {args.host}, {args.steps} steps, {results['host']['params']:,} parameters, "
+          f"device {args.device}, {args.threads} thread(s), median of {args.edits} edits\n")
+    print("| mode | s / edit | of which set-up | x host time | peak MB | x host memory |")
+    print("|---|---|---|---|---|---|")
+    for mode, r in results.items():
+        print(f"| {mode} | {r['seconds']:.3f} | {r['setup']:.3f} | {r['seconds'] / host['seconds']:.2f} | "
+              f"{r['peak_mb']:.0f} | {r['peak_mb'] / host['peak_mb']:.2f} |")
+    own = results["odedit"]["seconds"] / results["batched_nll"]["seconds"]
+    print(f"\nODEdit's own terms (KL, MMD, TV, lambda) vs a plain batched step over the same rows: x{own:.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
