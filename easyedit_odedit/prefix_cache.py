@@ -17,9 +17,14 @@ from torch import nn
 
 
 def decoder_layers(language_model: nn.Module) -> Tuple[str, nn.ModuleList]:
-    """The largest ``ModuleList`` named ``...layers`` in the language model, with its path."""
+    """The largest ``ModuleList`` named ``...layers`` in the language model's decoder (not, say, a
+    LLaVA vision tower's encoder layers), with its path from the language model."""
+    decoder = language_model.get_decoder() if hasattr(language_model, "get_decoder") else language_model
+    inside = {id(m) for m in decoder.modules()}
     best = None
     for name, mod in language_model.named_modules():
+        if id(mod) not in inside:
+            continue
         if isinstance(mod, nn.ModuleList) and name.split(".")[-1] == "layers" and len(mod):
             size = sum(p.numel() for p in mod.parameters())
             if best is None or size > best[2]:

@@ -17,7 +17,7 @@ import difflib
 import inspect
 import os
 import warnings
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -37,13 +37,36 @@ def check_request(request, tokenizer, index: int = 0) -> dict:
             raise ODEditError(f"{where}.{key}", value, f"give a non-empty string {key}")
     _check_encodable(tokenizer, request["target"], f"{where}.target")
     image = request.get("image")
-    if image is not None:
-        if not isinstance(image, torch.Tensor) or image.dim() not in (3, 4) or image.shape[-3] != 3:
-            shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
-            raise ODEditError(f"{where}.image", shape, "pass an RGB image tensor [3, H, W] (EasyEdit's vis_tok output)")
-        if not torch.isfinite(image).all():
-            raise ODEditError(f"{where}.image", "non-finite values", "pass an image without NaN or inf")
-    return request
+    if image is None:
+        return request
+    field = f"{where}.image"
+    if (not isinstance(image, torch.Tensor) or image.layout is not torch.strided or image.dim() not in (3, 4)
+            or image.shape[-3] != 3):
+        shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+        if isinstance(image, torch.Tensor) and image.layout is not torch.strided:
+            shape = f"{image.layout} tensor of shape {shape}"
+        raise ODEditError(field, shape, "pass an RGB image tensor [3, H, W] (EasyEdit's vis_tok output)")
+    if image.dim() == 4 and image.shape[0] != 1:
+        raise ODEditError(field, tuple(image.shape), "pass one image per request: [3, H, W] or [1, 3, H, W]",
+                          problem=f"holds {image.shape[0]} images")
+    if not image.is_floating_point():
+        raise ODEditError(field, f"dtype {image.dtype}", "pass a floating-point image, normalised like EasyEdit's "
+                          "vis_tok output (float32), not raw pixel values", problem="has the wrong dtype")
+    if min(image.shape[-2:]) < MIN_IMAGE_SIDE:
+        raise ODEditError(field, tuple(image.shape), f"give at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} pixels "
+                          "(the SE image views blur with a 5x5 kernel)", problem="is too small")
+    if not torch.isfinite(image).all():
+        raise ODEditError(field, "non-finite values", "pass an image without NaN or inf")
+    # The environments take [3, H, W]; CPU resizing has no half-precision kernels. A new dict: the
+    # caller's request (EasyEdit evaluates it afterwards) is left as it is.
+    normalised = image[0] if image.dim() == 4 else image
+    if normalised.dtype in (torch.float16, torch.bfloat16):
+        normalised = normalised.float()
+    return request if normalised is image else dict(request, image=normalised)
+
+
+# Smallest image side the environments handle (SE image views: 5x5 Gaussian blur, reflect padding).
+MIN_IMAGE_SIDE = 3
 
 
 def _check_encodable(tokenizer, target: str, field: str) -> None:
@@ -81,14 +104,14 @@ def validate_edit_call(editor, args, kwargs, method=None) -> Tuple[tuple, dict]:
     checker = _CallChecker(editor, flavour)
     n = checker.edits(arguments)
     checker.device()
-    checker.targets_encodable(arguments)
+    checker.targets_encodable()
     for name, root in (("rephrase_prompts", None), ("rephrase_image", "rephrase")):
         if arguments.get(name) is not None:
             arguments[name] = checker.per_edit_list(name, arguments[name], n, paths=root)
     if "file_type" in signature.parameters and arguments.get("file_type") is not None:
         checker.file_type(arguments["file_type"], n)
     arguments["locality_inputs"] = checker.locality(arguments.get("locality_inputs"), n)
-    checker.images(arguments, n)
+    checker.images(arguments)
     return tuple(bound.args[1:]), dict(bound.kwargs)
 
 
@@ -174,14 +197,14 @@ class _CallChecker:
         self._prompts, self._targets, self._images = prompts, targets, image
         return len(prompts)
 
-    def targets_encodable(self, arguments: dict) -> None:
+    def targets_encodable(self) -> None:
         tokenizer = getattr(self.editor, "tok", None)
         if tokenizer is None or not callable(tokenizer):
             return
         for i, target in enumerate(self._targets):
             _check_encodable(tokenizer, target, "targets" if self._scalar else f"targets[{i}]")
 
-    def images(self, arguments: dict, n: int) -> None:
+    def images(self, arguments: dict) -> None:
         for i, path in enumerate(self._images):
             self.image_file("image" if self._scalar else f"image[{i}]", path, "vis")
         rephrase = arguments.get("rephrase_image")
@@ -240,14 +263,16 @@ class _CallChecker:
                                   problem="is not a dict")
             for sub in part:
                 if sub not in needed:
-                    raise ODEditError(f"{where}[{sub!r}]", part[sub], f"use the keys {', '.join(repr(k) for k in needed)}",
+                    raise ODEditError(f"{where}[{sub!r}]", part[sub],
+                                      f"use the keys {', '.join(repr(k) for k in needed)}",
                                       problem="is not a known key")
             entry = {}
             for sub in needed:
                 if sub not in part:
                     raise ODEditError(f"{where}[{sub!r}]", part, f"add {sub!r}: a list with one entry per edit ({n})",
                                       problem="is missing")
-                entry[sub] = self.per_edit_list(f"{where}[{sub!r}]", part[sub], n, paths="vis" if sub == "image" else None)
+                entry[sub] = self.per_edit_list(f"{where}[{sub!r}]", part[sub], n,
+                                                paths="vis" if sub == "image" else None)
             out[key] = entry
         return out
 
@@ -324,7 +349,8 @@ def check_device(device, flavour: str, field: str = "hparams.device") -> None:
             raise ODEditError(field, device, usage, problem="cannot be parsed as a device") from None
         kind, index, bare = parsed.type, parsed.index, False
     if index is not None and index < 0:
-        raise ODEditError(field, device, f"{usage}; a negative index is no device", problem="cannot be parsed as a device")
+        raise ODEditError(field, device, f"{usage}; a negative index is no device",
+                          problem="cannot be parsed as a device")
     if kind not in ("cuda", "cpu"):
         raise ODEditError(field, device, f"{usage}: ODEdit runs EasyEdit on cpu or cuda only",
                           problem="is not a supported device")

@@ -94,16 +94,13 @@ def load_hparams(args, world: Optional[dict]) -> ODEditHyperParams:
 
 
 def build_editor(hp):
-    """EasyEdit's own editor; for GitHub main's HF models, the image loader ODEdit's request check
-    accepts (see easyedit_odedit/models/hf_native.py)."""
+    """EasyEdit's own editor; for GitHub main's HF models prepared for ODEdit (image loader and
+    processor, see easyedit_odedit/models/hf_native.py)."""
     from easyeditor import MultimodalEditor
 
     from easyedit_odedit.models import hf_native
 
-    editor = MultimodalEditor.from_hparams(hp)
-    if hf_native.is_native(editor.model):
-        editor.vis_tok = hf_native.PixelTensorLoader(max_side=448)
-    return editor
+    return hf_native.prepare_editor(MultimodalEditor.from_hparams(hp), max_side=448)
 
 
 def unwrap(model):

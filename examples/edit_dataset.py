@@ -63,10 +63,10 @@ def edit_dataset_main(editor, hp, args, world):
     if args.image_root:  # VQADataset joins record paths to coco_image / rephrase_image
         hp.coco_image = hp.rephrase_image = args.image_root
     ds = VQADataset(args.data or world["data"], config=hp)
-    if hf_native.is_native(editor.model):  # PIL images -> tensors ODEdit's request check accepts
+    if hf_native.is_native(editor.model):  # PIL images -> the tensors ODEdit's request check accepts
         for item in ds:
             for key in ("image", "image_rephrase", "multimodal_locality_image"):
-                item[key] = hf_native.pixel_tensor(item[key])
+                item[key] = hf_native.to_easyedit_tensor(item[key])
     metrics, edited, _ = editor.edit_dataset(ds, keep_original_weight=True, verbose=False,
                                              template="Question: {} Short answer:")
     restored = restore_all(C.unwrap(editor.model))

@@ -101,19 +101,10 @@ def shipped_hparams(path: str, arch: str, model_dir: str, world, num_steps: int 
 def build_editor(hp, arch):
     editor = MultimodalEditor.from_hparams(hp)
     if ARCHS[arch][1]:
-        from easyedit_odedit.models.hf_native import PixelTensorLoader
+        from easyedit_odedit.models.hf_native import prepare_editor
 
-        editor.vis_tok = PixelTensorLoader()  # ODEdit's request check takes image tensors (see hf_native)
+        prepare_editor(editor)  # EasyEdit-convention image tensors and a tokenizer-aware tok (see hf_native)
     return editor
-
-
-def run_edit(editor, arch, world):
-    kwargs = dict(edit_kwargs(world), keep_original_weight=True, verbose=False)
-    if ARCHS[arch][1]:
-        # validation.validate_edit_call calls editor.tok(target) - on main's HF path that is the
-        # processor, which takes a positional string as *images*; see test_validated_edit_call_on_main_hf_models.
-        return type(editor).edit.__wrapped__(editor, **kwargs)
-    return editor.edit(**kwargs)
 
 
 def spy_on_apply(editor) -> dict:
@@ -145,7 +136,7 @@ def test_shipped_yaml_edits_the_architecture_and_restores(world, tiny_model, arc
     editor = build_editor(hp, arch)
     seen = spy_on_apply(editor)
     before = state(editor.model)
-    metrics, _, _ = run_edit(editor, arch, world)
+    metrics, _, _ = editor.edit(**edit_kwargs(world), keep_original_weight=True, verbose=False)
     post = {k: float(v) for k, v in metrics[0]["post"].items() if k.endswith("_acc")}
     assert set(post) >= {"rewrite_acc", "rephrase_acc", "image_rephrase_acc", "locality_acc", "multimodal_locality_acc"}
     assert all(0.0 <= v <= 1.0 for v in post.values())
@@ -229,12 +220,12 @@ def test_view_names_and_decoder(tiny_model, arch):
 
 @main_only
 def test_sequential_edits_on_a_native_model_restore_through_the_view(world, tiny_model):
-    from easyedit_odedit.models.hf_native import PixelTensorLoader, view_for
+    from easyedit_odedit.models.hf_native import TensorImageLoader, view_for
 
     hp = shipped_hparams(yaml_path("qwen2vl-lora"), "qwen2vl", tiny_model("qwen2vl"), world)
     editor = build_editor(hp, "qwen2vl")
     before = state(editor.model)
-    image = PixelTensorLoader()(str(world / "img" / "0.png"))
+    image = TensorImageLoader()(str(world / "img" / "0.png"))
     for target in ["green", "blue"]:
         request = {"prompt": "what color is the shape ?", "target": target, "image": image}
         apply_odedit_to_multimodal_model(editor.model, editor.tok, [request], hp, keep_original_weight=False)
@@ -246,23 +237,48 @@ def test_sequential_edits_on_a_native_model_restore_through_the_view(world, tiny
 @main_only
 @pytest.mark.xfail(strict=True, reason="validation.validate_edit_call checks targets with editor.tok(target, ...); on "
                                        "main's HF path editor.tok is the AutoProcessor, whose first positional "
-                                       "argument is `images`, so the check raises before EasyEdit runs")
-def test_validated_edit_call_on_main_hf_models(world, tiny_model):
+                                       "argument is `images`, so an editor not passed through "
+                                       "hf_native.prepare_editor fails before EasyEdit runs")
+def test_edit_call_without_prepare_editor(world, tiny_model):
+    from easyedit_odedit.models.hf_native import TensorImageLoader
+
     hp = shipped_hparams(yaml_path("qwen2vl-ft-l"), "qwen2vl", tiny_model("qwen2vl"), world, num_steps=1)
-    editor = build_editor(hp, "qwen2vl")
+    editor = MultimodalEditor.from_hparams(hp)
+    editor.vis_tok = TensorImageLoader()  # prepare_editor would also wrap editor.tok
     editor.edit(**edit_kwargs(world), keep_original_weight=True, verbose=False)
+
+
+@main_only
+def test_main_evaluates_the_pixels_odedit_edited_on(world, tiny_model):
+    """The request image main's evaluator hands to the processor (through NativeProcessor) gives the
+    same processor output as the original file."""
+    import transformers
+
+    from easyedit_odedit.models.hf_native import NativeProcessor, TensorImageLoader
+
+    path = tiny_model("qwen2vl")
+    processor = transformers.AutoProcessor.from_pretrained(path)
+    file = str(world / "img" / "3.png")
+    content = [{"type": "image"}, {"type": "text", "text": "what color is the shape ?"}]
+    chat = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                         tokenize=False)
+    ours = NativeProcessor(processor)(images=[TensorImageLoader()(file)], text=[chat], return_tensors="pt")
+    reference = processor(images=[Image.open(file).convert("RGB")], text=[chat], return_tensors="pt")
+    torch.testing.assert_close(ours["pixel_values"], reference["pixel_values"], atol=0.02, rtol=0)
+    assert NativeProcessor(processor)("green", add_special_tokens=False)["input_ids"] == \
+        processor.tokenizer("green", add_special_tokens=False)["input_ids"]
 
 
 @main_only
 @pytest.mark.xfail(strict=True, reason="restore_all(model) looks up the history under the object it is given; for "
                                        "main's HF models the history is kept under the view (`_unwrap(model)`)")
 def test_restore_all_accepts_the_raw_native_model(world, tiny_model):
-    from easyedit_odedit.models.hf_native import PixelTensorLoader
+    from easyedit_odedit.models.hf_native import TensorImageLoader
 
     hp = shipped_hparams(yaml_path("qwen2vl-ft-l"), "qwen2vl", tiny_model("qwen2vl"), world, num_steps=1)
     editor = build_editor(hp, "qwen2vl")
     request = {"prompt": "what color is the shape ?", "target": "green",
-               "image": PixelTensorLoader()(str(world / "img" / "0.png"))}
+               "image": TensorImageLoader()(str(world / "img" / "0.png"))}
     apply_odedit_to_multimodal_model(editor.model, editor.tok, [request], hp)
     try:
         assert restore_all(editor.model) > 0

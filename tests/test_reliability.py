@@ -67,7 +67,8 @@ def bad(world):
     (folder / "truncated.png").write_bytes(png[: len(png) // 2])    # cut in the middle of the pixel data
     (folder / "text.png").write_text("not an image")
     (folder / "empty.png").write_bytes(b"")
-    return types.SimpleNamespace(**{name: str(folder / f"{name}.png") for name in ("corrupt", "truncated", "text", "empty")},
+    names = ("corrupt", "truncated", "text", "empty")
+    return types.SimpleNamespace(**{name: str(folder / f"{name}.png") for name in names},
                                  folder=str(folder), missing=str(world / "img" / "missing.png"))
 
 

@@ -34,19 +34,22 @@ model without wrapping, moving or copying anything:
   forward per row (the same work a batched call does), one decoder forward per batch; ODEdit embeds
   the rows once per edit, and again every step only when vision parameters are edited (FT-V).
 * **Images** may be PIL images, lists of PIL images (main's Qwen request format), ``uint8`` tensors
-  ``[3, H, W]`` (raw pixels) or float tensors ``[3, H, W]``, which are taken to be EasyEdit's BLIP
-  eval-processor output (OpenAI-CLIP mean/std, the format of ODEdit's locality-pool images) and are
-  de-normalised before the model's own processor sees them.
+  ``[3, H, W]`` (raw pixels) or float tensors ``[3, H, W]``, which are EasyEdit's convention (its BLIP
+  eval processor's output: OpenAI-CLIP mean/std; ODEdit's request check and locality pool use it)
+  and are de-normalised before the model's own processor sees them.
 * **Processor.** ``_unwrap`` only receives the model, so the processor is loaded from the folder the
   model came from (``model.config._name_or_path``, what main's editor loaded); call
   ``view_for(model, processor)`` first to supply one. The view is cached on the model, so sequential
   edits share one history: restore them with ``restore_all(view_for(model))``.
 
-Requests: ODEdit's request check (``validation.check_request``) accepts image *tensors* only, while
-main's ``vis_tok`` for these models yields PIL images. Until that check accepts PIL, set
-``editor.vis_tok = PixelTensorLoader()`` after building the editor: it reads the file into a
-``uint8`` tensor, which both ODEdit and the model's processor accept (main's evaluator passes it to
-the processor unchanged).
+With main's editor: call ``prepare_editor(editor)`` after ``MultimodalEditor.from_hparams``. Main's
+own ``vis_tok`` for these models yields PIL images, which ODEdit's request check rejects (it takes
+EasyEdit's normalised float tensors), and main's ``tok`` is the processor, which that check calls
+with a target string (a processor reads a positional argument as *images*). ``prepare_editor`` sets
+``editor.vis_tok = TensorImageLoader()`` (files -> EasyEdit-normalised float tensors) and
+``editor.tok = NativeProcessor(processor)``: the processor, except that a positional string goes to
+its tokenizer and float image tensors are de-normalised back to pixels before the processor sees
+them - so main's evaluator scores exactly the pixels ODEdit edited on.
 """
 from __future__ import annotations
 
@@ -345,18 +348,20 @@ def _to_pil_list(image) -> list:
     raise TypeError(f"cannot use {type(image).__name__} as an image")
 
 
-def pixel_tensor(image) -> torch.Tensor:
-    """A PIL image (or a one-image list, main's Qwen format) -> a ``uint8`` tensor ``[3, H, W]``."""
+def to_easyedit_tensor(image) -> torch.Tensor:
+    """A PIL image (or a one-image list, main's Qwen format) -> EasyEdit's image convention: a float32
+    ``[3, H, W]`` tensor normalised with the BLIP/OpenAI-CLIP mean and std."""
     images = _to_pil_list(image)
     if len(images) != 1:
         raise ValueError(f"expected one image, got {len(images)}")
-    return torch.from_numpy(np.asarray(images[0]).copy()).permute(2, 0, 1).contiguous()
+    pixels = torch.from_numpy(np.asarray(images[0]).copy()).permute(2, 0, 1).float() / 255
+    return (pixels - torch.tensor(BLIP_MEAN).view(3, 1, 1)) / torch.tensor(BLIP_STD).view(3, 1, 1)
 
 
-class PixelTensorLoader:
-    """A ``vis_tok`` for main's editor with HF models: ``loader(path, file_type="image")`` -> a
-    ``uint8`` tensor ``[3, H, W]`` (resized so the longer side is at most ``max_side`` if given).
-    ODEdit's request check accepts it, and main's evaluator hands it to the model's processor."""
+class TensorImageLoader:
+    """A ``vis_tok`` for main's editor with HF models: ``loader(path, file_type="image")`` -> an
+    EasyEdit-normalised float32 tensor ``[3, H, W]`` at the file's own size (or resized so the longer
+    side is at most ``max_side``: these models' token counts grow with the image)."""
 
     def __init__(self, max_side: Optional[int] = None):
         self.max_side = max_side
@@ -365,11 +370,57 @@ class PixelTensorLoader:
         from PIL import Image
 
         if file_type not in ("image", "single-image"):
-            raise ValueError(f"PixelTensorLoader reads single images, not {file_type!r}")
+            raise ValueError(f"TensorImageLoader reads single images, not {file_type!r}")
         with Image.open(file) as image:
             image = image.convert("RGB")
             if self.max_side and max(image.size) > self.max_side:
                 scale = self.max_side / max(image.size)
                 image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
                                      Image.BICUBIC)
-            return pixel_tensor(image)
+            return to_easyedit_tensor(image)
+
+
+class NativeProcessor:
+    """The model's processor as main's editor ``tok``: everything is the processor's, except that a
+    call with a positional string is a tokenizer call (``tok(target, add_special_tokens=False)``),
+    and image tensors are turned back into pixels (``_to_pil_list``) before the processor sees them."""
+
+    def __init__(self, processor):
+        self.__dict__["processor"] = processor
+
+    def __getattr__(self, name):
+        processor = self.__dict__.get("processor")
+        if processor is None:  # copy/pickle probing an instance without state
+            raise AttributeError(name)
+        return getattr(processor, name)
+
+    def __setattr__(self, name, value):
+        setattr(self.__dict__["processor"], name, value)
+
+    def __call__(self, *args, **kwargs):
+        processor = self.__dict__["processor"]
+        if args and "images" not in kwargs and "text" not in kwargs and _is_text(args[0]):
+            return processor.tokenizer(*args, **kwargs)
+        images = kwargs.get("images")
+        if images is not None:  # one entry per row: an image, or a list of images (multi-image rows)
+            images = images if isinstance(images, (list, tuple)) else [images]
+            kwargs["images"] = [_to_pil_list(i) if isinstance(i, (list, tuple)) else _to_pil_list(i)[0]
+                                for i in images]
+        return processor(*args, **kwargs)
+
+
+def _is_text(value) -> bool:
+    return isinstance(value, str) or (isinstance(value, list) and bool(value)
+                                      and all(isinstance(v, str) for v in value))
+
+
+def prepare_editor(editor, max_side: Optional[int] = None):
+    """Make a GitHub-main ``MultimodalEditor`` over a Qwen2-VL / LLaVA-OneVision model usable with
+    ODEdit (see the module docstring); a no-op for other models. Returns the editor."""
+    if not is_native(editor.model):
+        return editor
+    processor = editor.tok.__dict__["processor"] if isinstance(editor.tok, NativeProcessor) else editor.tok
+    editor.tok = NativeProcessor(processor)
+    editor.vis_tok = TensorImageLoader(max_side)
+    view_for(editor.model, processor)
+    return editor

@@ -1,0 +1,185 @@
+"""One prepared GPU check (run where a CUDA device exists; prints everything it measures).
+
+    python benchmarks/gpu_check.py [--big] [--steps 10]
+
+1. The same code on CUDA without the CPU redirect: an ODEdit edit through EasyEdit's own
+   ``MultimodalEditor`` (``device: 0``) on a small model, EasyEdit's metrics, and bit-identical
+   restore of the whole state dict after a single edit and after 5 sequential edits.
+2. Per-edit time and peak GPU memory, host alone vs host + ODEdit, on the small MiniMMEdit model.
+3. With ``--big``: the same on a random-weight model with the shapes of a 7B-class LLaVA (CLIP
+   ViT-L/14-336 + Llama-7B, bf16), FT-L on the top two layers' MLPs.
+On a machine without CUDA it runs on the CPU with a 2-layer stand-in for the big model (to test
+the script itself).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import easyedit_odedit  # noqa: E402
+from easyedit_odedit import ODEditHyperParams, compat, restore_all  # noqa: E402
+from easyedit_odedit.odedit import odedit_main  # noqa: E402
+from easyedit_odedit.registry import build_host  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda:0" if CUDA else "cpu"
+
+
+def world(root):
+    import numpy as np
+    from PIL import Image
+
+    os.makedirs(os.path.join(root, "img"), exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray((rng.random((64, 64, 3)) * 255).astype("uint8")).save(os.path.join(root, "img", f"{i}.png"))
+    pool = [{"image": f"img/{i}.png", "src": "what shape is in the image ?", "pred": "circle",
+             "loc": "what is two plus two ?", "loc_ans": "four"} for i in range(8)]
+    with open(os.path.join(root, "pool.json"), "w") as f:
+        json.dump(pool, f)
+    return os.path.join(root, "pool.json")
+
+
+def state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def check_editor(root, model_dir, pool):
+    from easyeditor import MultimodalEditor
+
+    hp = ODEditHyperParams.from_dict({
+        "host": "FT-L", "host_hparams": {"layers": [-1], "num_steps": 20, "lr": 1e-3}, "model_name": "blip2",
+        "name": model_dir, "tokenizer_name": model_dir, "device": 0, "coco_image": root, "rephrase_image": root,
+        "environments": {"locality_pool": pool}})
+    redirect_installed = []
+    with compat.cpu_redirect():
+        redirect_installed.append(torch.Tensor.to is not compat._originals.get("tensor_to", torch.Tensor.to))
+    editor = MultimodalEditor.from_hparams(hp)
+    print(f"[1] model on {next(editor.model.parameters()).device}; CPU redirect active during EasyEdit calls: "
+          f"{any(redirect_installed)}")
+    img = lambda i: os.path.join(root, "img", f"{i}.png")  # noqa: E731
+    before = state(editor.model)
+    start = time.time()
+    metrics, _, _ = editor.edit(
+        prompts=["Question: what color is the shape? Short answer:"], targets=["green"], image=[img(0)],
+        rephrase_prompts=["What is the color of the shape?"], rephrase_image=[img(1)],
+        locality_inputs={"text": {"prompt": ["what is two plus three ?"], "ground_truth": ["five"]},
+                         "vision": {"image": [img(2)], "prompt": ["Question: what shape is in the image? Short answer:"],
+                                    "ground_truth": ["circle"]}},
+        keep_original_weight=True, verbose=False)
+    post = {k: round(float(v), 3) for k, v in metrics[0]["post"].items() if k.endswith("_acc")}
+    print(f"[1] MultimodalEditor.edit: {time.time() - start:.2f} s, post {post}")
+    print(f"[1] whole state dict bit-identical after restore: {same(before, state(editor.model))}")
+    with compat.host_scope():
+        requests = editor._prepare_requests(["Question: what color is the shape? Short answer:"] * 5,
+                                            ["green", "blue", "red", "teal", "gray"], [img(i) for i in range(5)],
+                                            locality_inputs={})
+    for request in requests:
+        odedit_main.apply_odedit_to_multimodal_model(editor.model, editor.tok, [request], hp)
+    changed = not same(before, state(editor.model))
+    restore_all(editor.model)
+    print(f"[1] 5 sequential edits changed the weights: {changed}; restored bit-identically in one call: "
+          f"{same(before, state(editor.model))}")
+
+
+def time_edits(adapter, hp, image, n=3):
+    """Median seconds and peak memory of ``n`` edits (after one warm-up), each restored."""
+    times = []
+    if CUDA:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(n + 1):
+        view = {"prompt": "Question: what color is the shape? Short answer:", "target": ["red", "green", "blue", "teal"][i % 4],
+                "image": image}
+        originals = {}
+        start = time.perf_counter()
+        odedit_main.edit_once(adapter, view, hp, build_host(hp), originals)
+        if CUDA:
+            torch.cuda.synchronize()
+        if i:
+            times.append(time.perf_counter() - start)
+        odedit_main._copy_back(adapter, originals)
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if CUDA else float("nan")
+    return sorted(times)[len(times) // 2], peak
+
+
+def compare(name, adapter, base_config, image):
+    rows = []
+    for enabled in (False, True):
+        hp = ODEditHyperParams.from_dict(dict(base_config, enabled=enabled))
+        seconds, peak = time_edits(adapter, hp, image)
+        rows.append((("host+ODEdit" if enabled else "host"), seconds, peak))
+    print(f"\n[{name}] {sum(p.numel() for p in adapter.parameters()):,} parameters, "
+          f"{base_config['host']} {base_config['host_hparams']}")
+    print("| run | s / edit | peak GPU GiB |\n|---|---|---|")
+    for run, seconds, peak in rows:
+        print(f"| {run} | {seconds:.3f} | {peak:.2f} |")
+    print(f"ratios: time x{rows[1][1] / rows[0][1]:.2f}, memory x{rows[1][2] / rows[0][2]:.2f}")
+
+
+def big_llava(layers: int):
+    import transformers
+
+    from easyedit_odedit.models.adapter import MultimodalLMAdapter
+    from easyedit_odedit.models.encoders import LlavaImageEncoder
+    from easyedit_odedit.models.tiny import tiny_tokenizer
+
+    vision = transformers.CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24 if CUDA else 1,
+                                           num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768)
+    text = transformers.LlamaConfig(vocab_size=32064, hidden_size=4096 if CUDA else 256, intermediate_size=11008 if CUDA else 512,
+                                    num_hidden_layers=layers, num_attention_heads=32 if CUDA else 4,
+                                    num_key_value_heads=32 if CUDA else 4)
+    config = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=32000,
+                                      vision_feature_layer=-2)
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    with torch.device(DEVICE):
+        model = transformers.LlavaForConditionalGeneration._from_config(config, dtype=dtype)
+    model.eval()
+    adapter = MultimodalLMAdapter(LlavaImageEncoder(model), model, tiny_tokenizer(), 336, {"architecture": "hf-llava"})
+    return adapter
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--big", action="store_true")
+    parser.add_argument("--steps", type=int, default=10)
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, CUDA {CUDA} ({torch.cuda.get_device_name(0) if CUDA else 'cpu'}), "
+          f"easyeditor flavour {compat.flavour()}")
+    root = tempfile.mkdtemp()
+    pool = world(root)
+    from easyedit_odedit.models.loading import load_adapter
+
+    shipped = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "easyedit_odedit", "assets",
+                           "minimmedit-base")
+    check_editor(root, shipped, pool)
+    processor = odedit_main._image_processor(None)
+    image = compat.process_image_file(processor, os.path.join(root, "img", "0.png")).to(DEVICE)
+    small = load_adapter(shipped).to(DEVICE)
+    env = {"locality_pool": pool, "locality_image_root": root}
+    compare("small", small, {"host": "FT-L", "host_hparams": {"layers": [-1], "num_steps": args.steps, "lr": 1e-3},
+                             "model_name": "blip2", "environments": env}, image)
+    if args.big:
+        del small
+        start = time.time()
+        big = big_llava(32 if CUDA else 2)
+        print(f"\n[big] built in {time.time() - start:.1f} s")
+        compare("big", big, {"host": "FT-L", "host_hparams": {"layers": [-2, -1], "modules": ["mlp.up_proj", "mlp.down_proj"],
+                                                               "num_steps": args.steps, "lr": 1e-4},
+                             "model_name": "blip2", "environments": env}, image.to(torch.bfloat16 if CUDA else torch.float32))
+
+
+if __name__ == "__main__":
+    main()
