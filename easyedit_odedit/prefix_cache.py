@@ -53,16 +53,16 @@ class PrefixCache:
         self.cached: Optional[torch.Tensor] = None
         self.as_tuple = False
 
-    @torch.no_grad()
-    def capture(self, run_full_forward) -> None:
-        """Run the model once and keep the output of layer k-1 for every row."""
+    @contextlib.contextmanager
+    def capturing(self):
+        """While active, a forward pass over every row keeps the output of layer k-1."""
         def hook(module, args, output):
             self.as_tuple = isinstance(output, tuple)
             self.cached = (output[0] if self.as_tuple else output).detach()
 
         handle = self.layers[self.k - 1].register_forward_hook(hook)
         try:
-            run_full_forward()
+            yield
         finally:
             handle.remove()
 

@@ -168,8 +168,10 @@ class MultimodalLMAdapter(nn.Module):
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         return EmbeddedBatch(embeds, mask, position_ids, label_t)
 
-    def decode(self, batch: EmbeddedBatch, logit_scale=None):
-        """Run the language model; returns (logits * logit_scale, last hidden states).
+    def decode(self, batch: EmbeddedBatch, logit_scale=None, tail: Optional[int] = None):
+        """Run the language model; returns (logits * logit_scale, last hidden states), for the last
+        ``tail`` positions only when given (a LLaVA row has 576 image positions that no risk reads:
+        the LM head and its float copies would be most of the memory).
 
         The decoder and the LM head are called separately (rather than asking the causal LM for
         ``output_hidden_states``): transformers 5 collects hidden states with hooks that MEND's
@@ -178,6 +180,8 @@ class MultimodalLMAdapter(nn.Module):
                                                    attention_mask=batch.attention_mask,
                                                    position_ids=batch.position_ids,
                                                    use_cache=False).last_hidden_state
+        if tail is not None:
+            hidden = hidden[:, -tail:]
         logits = self.language_model.get_output_embeddings()(hidden)
         return (logits if logit_scale is None else logits * logit_scale), hidden
 

@@ -6,6 +6,7 @@ penalty; the optimiser is reset when the penalty switches on; a dict of floats c
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Dict, List, Optional
 
 import torch
@@ -22,9 +23,14 @@ OUT_ENVS = ("OUT_text", "OUT_near", "OUT_far")
 
 
 class EditRows:
-    """The per-edit pool of rows, embedded once, with the unedited model's OUT distributions."""
+    """The per-edit pool of rows, embedded once, with the unedited model's OUT distributions.
 
-    def __init__(self, adapter: MultimodalLMAdapter, rows: List[Row], kl_positions: str):
+    Rows are left-padded, so every position any risk reads lies in the last ``tail`` columns; the
+    decoder's output is cut to those before the LM head. The one full pass over the unedited model
+    also fills the prefix cache, when there is one."""
+
+    def __init__(self, adapter: MultimodalLMAdapter, rows: List[Row], kl_positions: str,
+                 cache: Optional[PrefixCache] = None):
         self.adapter, self.rows = adapter, rows
         self.texts = [f"{r.prompt} {r.target}" for r in rows]
         self.prompts_len = [len(adapter.tokenizer(r.prompt)["input_ids"]) for r in rows]
@@ -32,11 +38,15 @@ class EditRows:
         self.envs = [r.env for r in rows]
         with torch.no_grad():
             self.embedded = self.embed(range(len(rows)))
-            logits, _ = adapter.decode(self.embedded)
-        self.compare_mask = self._compare_mask(self.embedded, kl_positions)
-        out_rows = [i for i, e in enumerate(self.envs) if e in OUT_ENVS]
-        log_probs = torch.log_softmax(logits.float(), -1)
-        self.pre_log_probs = {i: log_probs[i][self.compare_mask[i]] for i in out_rows}
+            self.compare_mask = self._compare_mask(self.embedded, kl_positions)
+            read = self.compare_mask | risks.answer_positions(self.embedded.labels)
+            width = read.shape[1]
+            self.tail = width - int(read.any(0).float().argmax())
+            with cache.capturing() if cache is not None else contextlib.nullcontext():
+                logits, _ = adapter.decode(self.embedded, tail=self.tail)
+        tail_mask = self.compare_mask[:, -self.tail:]
+        self.pre_log_probs = {i: torch.log_softmax(logits[i][tail_mask[i]].float(), -1)
+                              for i, e in enumerate(self.envs) if e in OUT_ENVS}
 
     def embed(self, idx) -> EmbeddedBatch:
         idx = list(idx)
@@ -50,6 +60,28 @@ class EditRows:
         return risks.answer_positions(batch.labels)
 
 
+def make_prefix_cache(adapter: MultimodalLMAdapter, edited: List[str], hp) -> Optional[PrefixCache]:
+    """A cache of the activations below the lowest edited layer, when every edited parameter lies
+    in the decoder's layer stack (and caching is on)."""
+    if not hp.optimiser.cache_prefix or _needs_reembedding(edited):
+        return None
+    try:
+        path, layers = decoder_layers(adapter.language_model)
+    except LookupError:
+        return None
+    k = lowest_edited_layer(edited, path)
+    return PrefixCache(layers, k) if k else None
+
+
+def _needs_reembedding(edited) -> bool:
+    """Edits of the image encoder or the token embeddings change the decoder's inputs."""
+    return any(not k.startswith("language_model.") or "embed" in k for k in edited)
+
+
+def _with_labels(batch: EmbeddedBatch, labels: torch.Tensor) -> EmbeddedBatch:
+    return EmbeddedBatch(batch.inputs_embeds, batch.attention_mask, batch.position_ids, labels)
+
+
 def _select(batch: EmbeddedBatch, idx: torch.Tensor) -> EmbeddedBatch:
     return EmbeddedBatch(batch.inputs_embeds[idx], batch.attention_mask[idx], batch.position_ids[idx], batch.labels[idx])
 
@@ -58,44 +90,32 @@ class ODEditObjective:
     """Primal-dual optimisation of G = R_rel + R_se + R_loc + R_gen + w * lambda * TV (Eq. 11-13)."""
 
     def __init__(self, adapter: MultimodalLMAdapter, edit_rows: EditRows, params: Dict[str, torch.nn.Parameter],
-                 hp, lr: float, optimizer: str = "Adam", use_odedit: bool = True, seed: int = 0):
+                 hp, lr: float, optimizer: str = "Adam", use_odedit: bool = True, seed: int = 0,
+                 cache: Optional[PrefixCache] = None):
         self.adapter, self.rows, self.params, self.hp = adapter, edit_rows, params, hp
         self.use_odedit, self.lr, self.optimizer_name = use_odedit, lr, optimizer
         self.originals = {k: p.detach().clone() for k, p in params.items()}
         self.optimizer = self._new_optimizer()
         self.multiplier = tv.LagrangeMultiplier(hp.penalty.lambda_hidden, hp.penalty.lambda_init,
                                                 hp.penalty.lambda_max, seed)
-        self.reembed = any(not k.startswith("language_model.") or "embed" in k for k in params)
-        self.cache = self._prefix_cache() if hp.optimiser.cache_prefix and not self.reembed else None
+        self.reembed = _needs_reembedding(params)
+        self.cache = cache
         self.step = 0
         self.best = None  # (objective, {name: tensor}) of the best iterate that makes the edit
 
     def _new_optimizer(self) -> torch.optim.Optimizer:
         return getattr(torch.optim, self.optimizer_name)(list(self.params.values()), lr=self.lr)
 
-    def _prefix_cache(self) -> Optional[PrefixCache]:
-        try:
-            path, layers = decoder_layers(self.adapter.language_model)
-        except LookupError:
-            return None
-        k = lowest_edited_layer(self.params, path)
-        if not k:
-            return None
-        cache = PrefixCache(layers, k)
-        cache.capture(lambda: self.adapter.decode(self.rows.embedded))
-        return cache
-
     # -- one forward pass over every environment row of the step ------------------------------
     def forward(self, idx: List[int], scale):
+        """Logits and hidden states of the last ``tail`` positions of the chosen rows, and the
+        rows' batch with its labels cut to the same columns."""
         rows = torch.tensor(idx, device=self.rows.embedded.inputs_embeds.device)
-        if self.reembed:
-            batch = self.rows.embed(idx)
-            return batch, *self.adapter.decode(batch, logit_scale=scale)
-        batch = _select(self.rows.embedded, rows)
-        if self.cache is None:
-            return batch, *self.adapter.decode(batch, logit_scale=scale)
-        with self.cache.bypass(rows):
-            return batch, *self.adapter.decode(batch, logit_scale=scale)
+        tail = self.rows.tail
+        batch = self.rows.embed(idx) if self.reembed else _select(self.rows.embedded, rows)
+        with self.cache.bypass(rows) if self.cache is not None else contextlib.nullcontext():
+            logits, hidden = self.adapter.decode(batch, logit_scale=scale, tail=tail)
+        return _with_labels(batch, batch.labels[:, -tail:]), logits, hidden
 
     def risks(self, idx: List[int], batch: EmbeddedBatch, logits, hidden) -> Dict[str, torch.Tensor]:
         """Per-environment risk: NLL of the target on IN/SE rows, KL to the unedited model on OUT."""

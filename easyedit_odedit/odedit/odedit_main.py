@@ -22,7 +22,7 @@ from ..errors import ODEditError
 from ..models.adapter import MultimodalLMAdapter
 from ..registry import build_host
 from ..validation import check_request
-from .objective import EditRows, ODEditObjective
+from .objective import EditRows, ODEditObjective, make_prefix_cache
 
 # Originals of every parameter changed since a model's first un-restored ODEdit edit.
 _HISTORY: "weakref.WeakKeyDictionary[torch.nn.Module, Dict[str, torch.Tensor]]" = weakref.WeakKeyDictionary()
@@ -108,16 +108,18 @@ def edit_once(adapter: MultimodalLMAdapter, view: dict, hparams, host, originals
     seed = _edit_seed(hparams, view)
     use_odedit = bool(getattr(hparams, "enabled", True))
     rows = build_rows(adapter, view, hparams, seed) if use_odedit else [Row("IN", view["prompt"], view["target"], view.get("image"))]
-    edit_rows = EditRows(adapter, rows, hparams.risks.kl_positions)
     named = dict(adapter.named_parameters())
-    for name in host.touched(adapter):
+    touched = host.touched(adapter)
+    for name in touched:
         originals.setdefault(name, named[name].detach().clone())
+    cache = make_prefix_cache(adapter, touched, hparams)
+    edit_rows = EditRows(adapter, rows, hparams.risks.kl_positions, cache)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # LoRA's initialisation draws from the global generator
         params = host.prepare(adapter)
     previous = _train_only(adapter, params)
     try:
-        objective = ODEditObjective(adapter, edit_rows, params, hparams, host.lr, host.optimizer, use_odedit, seed)
+        objective = ODEditObjective(adapter, edit_rows, params, hparams, host.lr, host.optimizer, use_odedit, seed, cache)
         sampler = EnvironmentSampler(rows, hparams.environments, seed)
         logs = {}
         for _ in tqdm(range(host.num_steps), desc=f"ODEdit[{hparams.host}]", leave=False,
