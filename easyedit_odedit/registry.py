@@ -11,7 +11,7 @@ from typing import Any, Callable, Dict, Optional
 
 from .errors import ODEditError
 from .hosts.builtin import FineTuneHost, FTHyperParams, LoRAHost, LoRAHyperParams
-from .hosts.easyedit_native import EASYEDIT_HOSTS, build_easyedit_hparams
+from .hosts.easyedit_native import EASYEDIT_HOSTS, EasyEditRefineHost, build_easyedit_hparams
 
 
 @dataclass(frozen=True)
@@ -67,9 +67,11 @@ def build_host_hparams(spec: HostSpec, mapping: Dict[str, Any], inherited: Dict[
 
 def build_host(hparams):
     spec = host_spec(hparams.host)
+    if spec.name == "MEND" and getattr(hparams.host_params, "archive", None):
+        return EasyEditRefineHost(spec.name, hparams.host_params, hparams.optimiser)
     if spec.make is None:
         raise ODEditError("host", hparams.host,
                           f"{spec.name} with ODEdit is trained with EasyEdit's MultimodalTrainer (alg: ODEdit); "
-                          "editing with a trained archive is not supported yet: use the archive with "
-                          f"EasyEdit's own {spec.name} hparams", problem="cannot edit per request")
+                          "to edit, give host_hparams an `archive` (MEND), or use a SERAC archive with "
+                          "EasyEdit's own SERAC hparams", problem="cannot edit per request")
     return spec.make(hparams.host_params)

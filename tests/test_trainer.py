@@ -44,3 +44,36 @@ def test_mend_meta_trains_with_the_odedit_objective(world, tmp_path):
     assert all(torch.isfinite(torch.tensor(v)) for v in trainer._odedit_logs.values())
     archive = tmp_path / "results" / "models" / "ODEdit" / "blip2"  # {results_dir}/models/{alg}/{model_name}
     assert archive.exists()
+
+
+def test_mend_edit_then_odedit_refine_restores_exactly(world, tmp_path):
+    """Train a MEND archive (alg: ODEdit), then edit with host MEND + archive: EasyEdit's MEND
+    executor edits, ODEdit refines the same parameters, and the restore is bit-identical."""
+    from easyeditor import MultimodalEditor, MultimodalTrainer
+
+    from easyedit_odedit.odedit.odedit_main import apply_odedit_to_multimodal_model
+    from tests.conftest import PROMPT
+
+    host = yaml.safe_load(open(os.path.join(ROOT, "hparams/TRAINING/MEND/tiny-host.yaml")))
+    host.update(max_iters=8, val_interval=4, val_steps=1)
+    config = {"host": "MEND", "host_hparams": host, "model_name": "blip2", "name": str(world / "model"),
+              "tokenizer_name": str(world / "model"), "coco_image": str(world), "rephrase_image": str(world),
+              "results_dir": str(tmp_path / "results"), "penalty": {"lambda_input": "edit_hidden"}}
+    hp = ODEditHyperParams.from_dict(config)
+    VQADataset = compat.module("dataset.vqa").VQADataset
+    train = VQADataset(_vqa_json(world, tmp_path / "train.json", 4), config=hp)
+    MultimodalTrainer(config=hp, train_set=train, val_set=train).run()
+    archive = tmp_path / "results" / "models" / "ODEdit" / "blip2"
+
+    edit_host = {k: v for k, v in host.items() if k not in ("alg", "batch_size", "max_iters")}
+    edit_host.update(archive=str(archive), lr_scale=1.0, alg_name="MEND")
+    hp_edit = ODEditHyperParams.from_dict(dict(config, host_hparams=edit_host, optimiser={"steps": 3},
+                                               environments={"locality_pool": str(world / "pool.json")}))
+    editor = MultimodalEditor.from_hparams(hp_edit)
+    before = {k: v.clone() for k, v in editor.model.state_dict().items()}
+    request = {"prompt": PROMPT, "target": "green", "image": torch.ones(3, 64, 64)}
+    _, restore = apply_odedit_to_multimodal_model(editor.model, editor.tok, [request], hp_edit, keep_original_weight=True)
+    changed = [k for k, v in editor.model.state_dict().items() if not torch.equal(before[k], v)]
+    assert changed == host["inner_params"]
+    restore()
+    assert all(torch.equal(before[k], v) for k, v in editor.model.state_dict().items())

@@ -26,7 +26,10 @@ def build_easyedit_hparams(host: str, mapping: Dict[str, Any], inherited: Dict[s
     cls = getattr(compat.import_easyeditor(), editing if mapping.get("archive") else training)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
-    values = {k: v for k, v in {**mapping, **inherited}.items() if k in fields}
+    from ..odedit.odedit_hparams import EASYEDIT_FIELDS
+
+    # EasyEdit's defaults < the host's own YAML < model fields given at the ODEdit YAML's top level
+    values = {k: v for k, v in {**EASYEDIT_FIELDS, **mapping, **inherited}.items() if k in fields}
     unknown = sorted(set(mapping) - set(fields) - {"alg", "alg_name"})
     if unknown:
         raise ODEditError(f"{where}: host_hparams.{unknown[0]}", mapping[unknown[0]],
@@ -49,3 +52,60 @@ def build_easyedit_hparams(host: str, mapping: Dict[str, Any], inherited: Dict[s
     hparams = cls(**values)
     compat.complete_host_hparams(hparams)
     return hparams
+
+
+_EXECUTORS: Dict[tuple, Any] = {}
+
+
+class EasyEditRefineHost:
+    """MEND with a trained archive: EasyEdit's own executor makes the edit (its hypernetwork's
+    delta on ``inner_params``), then ODEdit optimises exactly those parameters under its objective
+    for ``optimiser.steps`` steps, starting from MEND's solution."""
+
+    family = "refine"
+
+    def __init__(self, name: str, host_hparams, optimiser):
+        self.name, self.hparams = name, host_hparams
+        self.num_steps = optimiser.steps
+        self.lr = optimiser.lr if optimiser.lr is not None else float(host_hparams.edit_lr)
+        self.optimizer = "Adam"
+
+    def touched(self, model) -> list:
+        names = dict(model.named_parameters())
+        missing = [n for n in self.hparams.inner_params if n not in names]
+        if missing:
+            raise ODEditError("host_hparams.inner_params", missing, "name parameters of the model "
+                              "(e.g. language_model.model.layers.0.mlp.down_proj.weight)",
+                              problem="names parameters the model does not have")
+        return list(self.hparams.inner_params)
+
+    def _executor(self, model):
+        """One executor per (model, archive): EasyEdit's module-level executors cache the first
+        model they saw, which would silently edit the wrong model in a second editor."""
+        key = (id(model), str(self.hparams.archive))
+        if key not in _EXECUTORS:
+            mend_main = compat.module("models.mend.mend_main")
+            _EXECUTORS[key] = mend_main.MendMultimodalRewriteExecutor()
+        return _EXECUTORS[key]
+
+    def run_host(self, model, tok, view: dict) -> None:
+        import os
+
+        if not os.path.isfile(str(self.hparams.archive)):
+            from ..errors import ODEditFileNotFoundError
+
+            raise ODEditFileNotFoundError("host_hparams.archive", self.hparams.archive,
+                                          "train MEND first (MultimodalTrainer with alg: MEND or alg: ODEdit) "
+                                          "and point archive at results_dir/models/<alg>/<model>")
+        request = dict(view)
+        with compat.host_scope():
+            self._executor(model).apply_to_model(model, tok, request if compat.flavour() == compat.MAIN else [request],
+                                                 self.hparams, copy=False, return_orig_weights=True,
+                                                 keep_original_weight=True)
+
+    def prepare(self, model):
+        named = dict(model.named_parameters())
+        return {n: named[n] for n in self.touched(model)}
+
+    def finalize(self, model) -> None:
+        """MEND changed the weights in place; nothing to unload."""

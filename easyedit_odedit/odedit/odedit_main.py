@@ -113,7 +113,9 @@ def edit_once(adapter: MultimodalLMAdapter, view: dict, hparams, host, originals
     for name in touched:
         originals.setdefault(name, named[name].detach().clone())
     cache = make_prefix_cache(adapter, touched, hparams)
-    edit_rows = EditRows(adapter, rows, hparams.risks.kl_positions, cache)
+    edit_rows = EditRows(adapter, rows, hparams.risks.kl_positions, cache)  # unedited-model references
+    if hasattr(host, "run_host"):  # refine family: the host edits first, ODEdit starts from its solution
+        host.run_host(adapter, adapter.tokenizer, view)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # LoRA's initialisation draws from the global generator
         params = host.prepare(adapter)
