@@ -157,7 +157,8 @@ def build_rows(adapter: MultimodalLMAdapter, view: dict, hparams, seed: int) -> 
 
     def image_features(images):
         with torch.no_grad():
-            return torch.cat([adapter.encode_images(image.unsqueeze(0)) for image in images]).float().mean(1)
+            same_size = torch.stack([adapter._resize(image.to(adapter.device)) for image in images])
+            return adapter.encode_images(same_size).float().mean(1)  # one batched pass
 
     rows += out["text"] + builder.near_and_far(view, rows, out["image"], image_features)
     _fill_unedited_answers(adapter, rows, n_tokens=len(adapter.tokenizer(view["target"])["input_ids"]))
