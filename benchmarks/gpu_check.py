@@ -14,7 +14,6 @@ the script itself).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -29,23 +28,11 @@ from easyedit_odedit import ODEditHyperParams, compat, restore_all  # noqa: E402
 from easyedit_odedit.odedit import odedit_main  # noqa: E402
 from easyedit_odedit.registry import build_host  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from overhead import _world  # noqa: E402  (the synthetic pool both scripts use)
+
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda:0" if CUDA else "cpu"
-
-
-def world(root):
-    import numpy as np
-    from PIL import Image
-
-    os.makedirs(os.path.join(root, "img"), exist_ok=True)
-    rng = np.random.default_rng(0)
-    for i in range(8):
-        Image.fromarray((rng.random((64, 64, 3)) * 255).astype("uint8")).save(os.path.join(root, "img", f"{i}.png"))
-    pool = [{"image": f"img/{i}.png", "src": "what shape is in the image ?", "pred": "circle",
-             "loc": "what is two plus two ?", "loc_ans": "four"} for i in range(8)]
-    with open(os.path.join(root, "pool.json"), "w") as f:
-        json.dump(pool, f)
-    return os.path.join(root, "pool.json")
 
 
 def state(model):
@@ -159,7 +146,8 @@ def main():
     print(f"torch {torch.__version__}, CUDA {CUDA} ({torch.cuda.get_device_name(0) if CUDA else 'cpu'}), "
           f"easyeditor flavour {compat.flavour()}")
     root = tempfile.mkdtemp()
-    pool = world(root)
+    env = _world(root)
+    pool = env["locality_pool"]
     from easyedit_odedit.models.loading import load_adapter
 
     shipped = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "easyedit_odedit", "assets",
@@ -168,7 +156,6 @@ def main():
     processor = odedit_main._image_processor(None)
     image = compat.process_image_file(processor, os.path.join(root, "img", "0.png")).to(DEVICE)
     small = load_adapter(shipped).to(DEVICE)
-    env = {"locality_pool": pool, "locality_image_root": root}
     compare("small", small, {"host": "FT-L", "host_hparams": {"layers": [-1], "num_steps": args.steps, "lr": 1e-3},
                              "model_name": "blip2", "environments": env}, image)
     if args.big:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import weakref
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 from tqdm.auto import tqdm
