@@ -17,18 +17,26 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def omega() -> torch.Tensor:
-    """The dummy classifier scale at 1.0 (IRM's w = 1.0)."""
-    return torch.tensor(1.0, requires_grad=True)
+def omega(n_envs: int = 0, device=None) -> torch.Tensor:
+    """The dummy classifier scale at 1.0 (IRM's w = 1.0): a scalar shared by every environment, or
+    one entry per environment (``n_envs``), which gives every dR_e/d omega_e from one gradient call."""
+    shape = (n_envs,) if n_envs else ()
+    return torch.ones(shape, device=device, requires_grad=True)
 
 
 def tv_penalty(env_risks: Sequence[torch.Tensor], scale: torch.Tensor) -> torch.Tensor:
-    """(mean_e |dR_e/d omega|)^2, differentiable in the model parameters (TV-l1, Eq. 9)."""
-    grads = [torch.autograd.grad(risk, scale, create_graph=True)[0] for risk in env_risks
-             if risk.requires_grad]
-    if not grads:
-        return scale * 0.0
-    return torch.stack([g.abs() for g in grads]).mean() ** 2
+    """(mean_e |dR_e/d omega|)^2, differentiable in the model parameters (TV-l1, Eq. 9).
+
+    With a scalar ``scale`` each environment's gradient is its own autograd call; with one scale per
+    environment (risk e depends on scale[e] only) a single call on the summed risk yields them all."""
+    env_risks = [r for r in env_risks if r.requires_grad]
+    if not env_risks:
+        return scale.sum() * 0.0
+    if scale.dim() == 0:
+        grads = torch.stack([torch.autograd.grad(r, scale, create_graph=True)[0] for r in env_risks])
+    else:
+        grads = torch.autograd.grad(torch.stack(env_risks).sum(), scale, create_graph=True)[0]
+    return grads.abs().mean() ** 2
 
 
 class LagrangeMultiplier(nn.Module):

@@ -24,7 +24,7 @@ def words(min_size, max_size):
 
 @st.composite
 def images(draw):
-    kind = draw(st.sampled_from(["none", "tensor", "tensor", "tensor", "not-a-tensor"]))
+    kind = draw(st.sampled_from(["none"] * 2 + ["tensor"] * 7 + ["not-a-tensor"]))
     if kind == "none":
         return None
     if kind == "not-a-tensor":
@@ -35,7 +35,7 @@ def images(draw):
     shape = draw(st.sampled_from([shape, shape, shape, [1, *shape], [2, *shape], shape[1:]]))
     dtype = draw(st.sampled_from([torch.float32, torch.float32, torch.float32, torch.float64, torch.float16,
                                    torch.bfloat16, torch.uint8]))
-    fill = draw(st.sampled_from(["random", "random", "zeros", "nan", "inf", "huge"]))
+    fill = draw(st.sampled_from(["random"] * 5 + ["zeros", "nan", "inf", "huge"]))
     image = torch.rand(shape, generator=torch.Generator().manual_seed(draw(st.integers(0, 2 ** 16))))
     if fill == "zeros":
         image = torch.zeros(shape)
@@ -89,8 +89,8 @@ def configs(draw, world):
 
 @st.composite
 def requests(draw):
-    prompt = draw(st.one_of(st.just(PROMPT), words(1, 10), JUNK))
-    target = draw(st.one_of(st.sampled_from(["green", "red", "circle", "yes"]), words(1, 3), JUNK))
+    prompt = draw(st.one_of(st.just(PROMPT), words(1, 10), words(1, 10), JUNK))
+    target = draw(st.one_of(st.sampled_from(["green", "red", "circle", "yes"]), words(1, 3), words(1, 3), JUNK))
     request = {"prompt": prompt, "target": target, "image": draw(images())}
     if draw(st.booleans()):  # evaluation fields an editor never reads
         request.update(rephrase_prompt=draw(JUNK), locality_prompt=draw(JUNK), locality_ground_truth=draw(JUNK))

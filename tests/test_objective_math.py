@@ -63,3 +63,15 @@ def test_lambda_is_nonnegative_bounded_and_ascends():
     assert 0.0 <= lam(features).item() < final
     for extreme in (torch.full((2,), 1e6), torch.full((2,), -1e6)):
         assert 0.0 <= lam(extreme).item() <= 3.0
+
+
+def test_one_scale_per_environment_gives_the_same_penalty_in_one_call():
+    torch.manual_seed(2)
+    logits = torch.randn(3, 4, 7)
+    labels = torch.randint(0, 7, (3, 4))
+    shared = tv.omega()
+    scalar = tv.tv_penalty([torch.nn.functional.cross_entropy(shared * logits[i], labels[i]) for i in range(3)], shared)
+    per_env = tv.omega(3)
+    vector = tv.tv_penalty([torch.nn.functional.cross_entropy(per_env[i] * logits[i], labels[i]) for i in range(3)],
+                           per_env)
+    assert torch.allclose(scalar, vector, rtol=1e-5)

@@ -142,10 +142,12 @@ class ODEditObjective:
 
     def update(self, idx: List[int]) -> Dict[str, float]:
         hp = self.hp
-        scale = tv.omega().to(self.rows.embedded.inputs_embeds.device)
-        batch, logits, hidden = self.forward(idx, scale)
-        per_env = self.risks(idx, batch, logits, hidden)
         envs = [self.rows.envs[i] for i in idx]
+        groups = list(dict.fromkeys(envs))  # one omega_e per environment present in this step
+        scale = tv.omega(len(groups), self.rows.embedded.inputs_embeds.device)
+        row_scale = scale[torch.tensor([groups.index(e) for e in envs], device=scale.device)]
+        batch, logits, hidden = self.forward(idx, row_scale.view(-1, 1, 1))
+        per_env = self.risks(idx, batch, logits, hidden)
         logs: Dict[str, float] = {}
         r_rel = per_env["IN"]
         weight = 0.0
@@ -163,7 +165,7 @@ class ODEditObjective:
             weight = hp.penalty.weight if self.step >= hp.penalty.warmup_steps else 0.0
             if self.step == hp.penalty.warmup_steps and weight > 0:
                 self.optimizer = self._new_optimizer()  # the loss scale jumps: stale Adam moments mislead
-            penalty = tv.tv_penalty(list(per_env.values()), scale) if weight > 0 else scale * 0.0
+            penalty = tv.tv_penalty([per_env[g] for g in groups], scale) if weight > 0 else scale.sum() * 0.0
             lam = self.multiplier(self._lambda_features(hidden, envs))
             objective = r_edit + weight * lam.detach() * penalty
             if hp.penalty.normalise:
