@@ -20,6 +20,7 @@ import importlib
 import json
 import os
 import random
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -223,8 +224,12 @@ class EnvironmentBuilder:
 
     def _load_image(self, path: str) -> torch.Tensor:
         key = (path, type(self.image_processor).__name__)
-        if key not in _PROCESSED_POOL_IMAGES:  # the pool is fixed: process each image once per process
+        if key in _PROCESSED_POOL_IMAGES:  # the pool is fixed: process each image once, keep the recent ones
+            _PROCESSED_POOL_IMAGES.move_to_end(key)
+        else:
             _PROCESSED_POOL_IMAGES[key] = _load_processed_image(path, self.image_processor)
+            while len(_PROCESSED_POOL_IMAGES) > POOL_IMAGE_CACHE_SIZE:
+                _PROCESSED_POOL_IMAGES.popitem(last=False)
         return _PROCESSED_POOL_IMAGES[key]
 
     def near_and_far(self, view: dict, se_rows: List[Row], candidates: List[Row],
@@ -255,7 +260,8 @@ class EnvironmentBuilder:
         return rows
 
 
-_PROCESSED_POOL_IMAGES: Dict[tuple, torch.Tensor] = {}
+POOL_IMAGE_CACHE_SIZE = 512  # ~0.8 GB of 364-pixel processor outputs at most
+_PROCESSED_POOL_IMAGES: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
 
 
 def _load_processed_image(path: str, processor: Optional[Callable]) -> torch.Tensor:

@@ -62,7 +62,25 @@ def build_host_hparams(spec: HostSpec, mapping: Dict[str, Any], inherited: Dict[
         elif key not in inherited and key not in ("alg_name", "alg", "model_name", "name", "device"):
             raise ODEditError(f"{where}: host_hparams.{key}", value,
                               f"{spec.name} takes: {', '.join(sorted(names))}", problem="is not a known key")
-    return cls(**values)
+    hparams = cls(**values)
+    _check_builtin(hparams, where)
+    return hparams
+
+
+def _check_builtin(hp, where: str) -> None:
+    import math
+
+    import torch
+
+    if not isinstance(getattr(torch.optim, hp.optimizer, None), type):
+        raise ODEditError(f"{where}: host_hparams.optimizer", hp.optimizer, "name a torch.optim class, e.g. Adam or SGD")
+    if not (math.isfinite(hp.lr) and hp.lr > 0):
+        raise ODEditError(f"{where}: host_hparams.lr", hp.lr, "use a positive learning rate")
+    if hp.num_steps < 0:
+        raise ODEditError(f"{where}: host_hparams.num_steps", hp.num_steps, "use 0 or more steps")
+    if isinstance(hp, LoRAHyperParams) and (hp.rank < 1 or not hp.lora_alpha > 0):
+        raise ODEditError(f"{where}: host_hparams.rank/lora_alpha", (hp.rank, hp.lora_alpha),
+                          "use rank >= 1 and lora_alpha > 0")
 
 
 def build_host(hparams):

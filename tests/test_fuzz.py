@@ -129,10 +129,9 @@ def test_every_input_edits_and_restores_or_raises_odedit_errors(model, world):
     check()
 
 
-# Crashes fuzzing found outside the request checks (validation.py cannot see hparams): each raises
-# something other than ODEditError, with the weights left intact. Strict xfail: when one is fixed,
-# move its value into INVALID above and drop it here.
-KNOWN_CRASHES = [
+# Crashes fuzzing once found outside the request checks (each raised something other than
+# ODEditError); they are now rejected when the hparams load, with the field named.
+FORMER_CRASHES = [
     ("optimizer-unknown", {"host_hparams": {"optimizer": "Nope"}}, "AttributeError at odedit/objective.py:65",
      AttributeError),
     ("lr-negative", {"host_hparams": {"lr": -0.1}}, "torch's ValueError at odedit/objective.py:65", ValueError),
@@ -146,9 +145,8 @@ KNOWN_CRASHES = [
 ]
 
 
-@pytest.mark.parametrize("change", [pytest.param(c, id=i, marks=pytest.mark.xfail(strict=True, reason=r, raises=e))
-                                    for i, c, r, e in KNOWN_CRASHES])
-def test_known_hparams_crashes(model, world, change):
+@pytest.mark.parametrize("change", [pytest.param(c, id=i) for i, c, r, e in FORMER_CRASHES])
+def test_former_hparams_crashes_are_clear_errors(model, world, change):
     config = {"alg_name": "ODEdit", "host": change.get("host", "FT-L"),
               "host_hparams": dict({"layers": [-1], "num_steps": 1, "lr": 0.1}, **change.get("host_hparams", {})),
               "coco_image": str(world),
@@ -165,4 +163,4 @@ def test_known_hparams_crashes(model, world, change):
         return  # the fix: a message naming the field
     finally:
         assert same(before, state(model))
-    pytest.fail("edited without complaint: put the value into INVALID only if it must be rejected")
+    pytest.fail("edited without complaint")

@@ -145,3 +145,5 @@ class LoRAHost(OptimisingHost):
                     module.merge(adapter_names=[self.ADAPTER])
                 parent_name, _, child = name.rpartition(".")
                 setattr(model.get_submodule(parent_name) if parent_name else model, child, module.get_base_layer())
+        if hasattr(model, "peft_config"):  # left by inject_adapter_in_model; the next edit would warn
+            del model.peft_config

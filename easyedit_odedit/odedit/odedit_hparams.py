@@ -19,6 +19,7 @@ the top level, else from the host's hparams; anything else EasyEdit asks for (a 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -330,5 +331,30 @@ def _validate_settings(hp: ODEditHyperParams, where: str) -> None:
         raise ODEditError(f"{where}: risks.mmd_bandwidths", hp.risks.mmd_bandwidths, "give positive multipliers")
     if hp.penalty.tv_tolerance < 0:
         raise ODEditError(f"{where}: penalty.tv_tolerance", hp.penalty.tv_tolerance, "use 0 or a positive number")
+    env = hp.environments
+    if not env.templates:
+        raise ODEditError(f"{where}: environments.templates", env.templates, "give at least one template, e.g. '{prompt}'")
+    for template in env.templates:
+        try:
+            template.format(prompt="x")
+        except (KeyError, IndexError, ValueError):
+            raise ODEditError(f"{where}: environments.templates", template,
+                              "use only the {prompt} placeholder (double other braces: {{ }})") from None
+    if len(env.crop_scale) != 2 or not 0 < env.crop_scale[0] <= env.crop_scale[1] <= 1:
+        raise ODEditError(f"{where}: environments.crop_scale", env.crop_scale, "give [low, high] with 0 < low <= high <= 1")
+    if not 0 <= env.word_dropout < 1:
+        raise ODEditError(f"{where}: environments.word_dropout", env.word_dropout, "use a fraction in [0, 1)")
+    finite_non_negative = {"penalty.weight": hp.penalty.weight, "penalty.dual_lr": hp.penalty.dual_lr,
+                           "penalty.tv_tolerance": hp.penalty.tv_tolerance, "penalty.lambda_max": hp.penalty.lambda_max,
+                           "optimiser.grad_clip": hp.optimiser.grad_clip, "risks.loc_weight": hp.risks.loc_weight,
+                           "risks.gen_weight": hp.risks.gen_weight, "risks.se_nll_weight": hp.risks.se_nll_weight}
+    for name, value in finite_non_negative.items():
+        if not math.isfinite(value) or value < 0:
+            raise ODEditError(f"{where}: {name}", value, "use a finite number >= 0")
+    if hp.optimiser.lr is not None and not (math.isfinite(hp.optimiser.lr) and hp.optimiser.lr > 0):
+        raise ODEditError(f"{where}: optimiser.lr", hp.optimiser.lr, "use a positive learning rate (or leave it unset)")
+    seed = hp.easyedit.get("seed", EASYEDIT_FIELDS["seed"])
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ODEditError(f"{where}: seed", seed, "give a whole number")
     if hp.optimiser.steps < 0:
         raise ODEditError(f"{where}: optimiser.steps", hp.optimiser.steps, "use 0 or more steps")

@@ -116,10 +116,11 @@ def edit_once(adapter: MultimodalLMAdapter, view: dict, hparams, host, originals
     edit_rows = EditRows(adapter, rows, hparams.risks.kl_positions, cache)  # unedited-model references
     if hasattr(host, "run_host"):  # refine family: the host edits first, ODEdit starts from its solution
         host.run_host(adapter, adapter.tokenizer, view)
+    previous = {n: p.requires_grad for n, p in adapter.named_parameters()}  # before peft freezes them
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # LoRA's initialisation draws from the global generator
         params = host.prepare(adapter)
-    previous = _train_only(adapter, params)
+    _train_only(adapter, params)
     try:
         objective = ODEditObjective(adapter, edit_rows, params, hparams, host.lr, host.optimizer, use_odedit, seed, cache)
         sampler = EnvironmentSampler(rows, hparams.environments, seed)
@@ -134,13 +135,11 @@ def edit_once(adapter: MultimodalLMAdapter, view: dict, hparams, host, originals
     return logs
 
 
-def _train_only(adapter: MultimodalLMAdapter, params: Dict[str, torch.nn.Parameter]) -> Dict[str, bool]:
-    """Gradients only for the edited parameters (restored afterwards)."""
-    previous = {n: p.requires_grad for n, p in adapter.named_parameters()}
+def _train_only(adapter: MultimodalLMAdapter, params: Dict[str, torch.nn.Parameter]) -> None:
+    """Gradients only for the edited parameters (``_restore_requires_grad`` puts them back)."""
     chosen = {id(p) for p in params.values()}
     for p in adapter.parameters():
         p.requires_grad_(id(p) in chosen)
-    return previous
 
 
 def _restore_requires_grad(adapter: MultimodalLMAdapter, previous: Dict[str, bool]) -> None:
