@@ -161,7 +161,12 @@ _originals: dict = {}
 
 def _install_redirect() -> None:
     _originals.update(tensor_to=torch.Tensor.to, module_to=torch.nn.Module.to,
-                      tensor_cuda=torch.Tensor.cuda, module_cuda=torch.nn.Module.cuda)
+                      tensor_cuda=torch.Tensor.cuda, module_cuda=torch.nn.Module.cuda, load=torch.load)
+
+    def load(*args, **kwargs):  # main's MEND executor loads its archive with map_location=cuda:N
+        if _is_cuda_like(kwargs.get("map_location")):
+            kwargs["map_location"] = "cpu"
+        return _originals["load"](*args, **kwargs)
 
     def tensor_to(self, *args, **kwargs):
         args, kwargs = _redirect_args(args, kwargs)
@@ -173,11 +178,13 @@ def _install_redirect() -> None:
 
     torch.Tensor.to = tensor_to
     torch.nn.Module.to = module_to
+    torch.load = load
     torch.Tensor.cuda = lambda self, *a, **k: self
     torch.nn.Module.cuda = lambda self, *a, **k: self
 
 
 def _remove_redirect() -> None:
+    torch.load = _originals["load"]
     torch.Tensor.to = _originals["tensor_to"]
     torch.nn.Module.to = _originals["module_to"]
     torch.Tensor.cuda = _originals["tensor_cuda"]
@@ -186,7 +193,8 @@ def _remove_redirect() -> None:
 
 @contextlib.contextmanager
 def cpu_redirect():
-    """While active, ``.to(<cuda device>)`` and ``.cuda()`` keep tensors and modules on the CPU.
+    """While active, ``.to(<cuda device>)``, ``.cuda()`` and ``torch.load(map_location=<cuda>)``
+    keep tensors and modules on the CPU.
     A no-op on machines with CUDA: there EasyEdit's code runs unchanged."""
     global _redirect_depth
     if torch.cuda.is_available():

@@ -199,6 +199,7 @@ class _CallChecker:
 
     def targets_encodable(self) -> None:
         tokenizer = getattr(self.editor, "tok", None)
+        tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # main's HF models: tok is a processor
         if tokenizer is None or not callable(tokenizer):
             return
         for i, target in enumerate(self._targets):

@@ -278,16 +278,18 @@ class HFNativeView(MultimodalLMAdapter):
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
         return EmbeddedBatch(embeds, mask, positions, labels)
 
-    def decode(self, batch: EmbeddedBatch, logit_scale=None):
+    def decode(self, batch: EmbeddedBatch, logit_scale=None, tail=None):
         """The text decoder, then the LM head, on the whole batch (no pixels: the image features
-        are in ``inputs_embeds``). Returns (logits * logit_scale, final-norm hidden states); only
-        the last hidden state is kept, not every layer's."""
+        are in ``inputs_embeds``). Returns (logits * logit_scale, final-norm hidden states), for the
+        last ``tail`` positions only when given; only the last hidden state is kept."""
         positions = batch.position_ids
         if positions.dim() == 3:  # batch-first [B, 3, L] -> the decoder's [3, B, L]
             positions = positions.permute(1, 0, 2)
         decoder = self.hf_model.get_submodule(self.decoder_path)
         hidden = decoder(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
                          position_ids=positions, use_cache=False).last_hidden_state
+        if tail is not None:
+            hidden = hidden[:, -tail:]
         logits = self.hf_model.get_output_embeddings()(hidden)
         return (logits if logit_scale is None else logits * logit_scale), hidden
 

@@ -63,7 +63,7 @@ class EditRows:
 def make_prefix_cache(adapter: MultimodalLMAdapter, edited: List[str], hp) -> Optional[PrefixCache]:
     """A cache of the activations below the lowest edited layer, when every edited parameter lies
     in the decoder's layer stack (and caching is on)."""
-    if not hp.optimiser.cache_prefix or _needs_reembedding(edited):
+    if not hp.optimiser.cache_prefix or needs_reembedding(adapter, edited):
         return None
     try:
         path, layers = decoder_layers(adapter.language_model)
@@ -73,9 +73,19 @@ def make_prefix_cache(adapter: MultimodalLMAdapter, edited: List[str], hp) -> Op
     return PrefixCache(layers, k) if k else None
 
 
-def _needs_reembedding(edited) -> bool:
-    """Edits of the image encoder or the token embeddings change the decoder's inputs."""
-    return any(not k.startswith("language_model.") or "embed" in k for k in edited)
+def needs_reembedding(adapter: MultimodalLMAdapter, edited) -> bool:
+    """True when an edited parameter acts before the decoder's first layer (image encoder,
+    projector, token embeddings): then the decoder's inputs change during the edit. Decided by
+    where the parameter lives, not by its name (LLaVA's projector sits under ``language_model``)."""
+    lm = adapter.language_model
+    if not all(hasattr(lm, m) for m in ("get_decoder", "get_input_embeddings", "get_output_embeddings")):
+        # a view whose names already say where a parameter acts (models/hf_native.py)
+        return any(not k.startswith("language_model.") or "embed_tokens" in k for k in edited)
+    decoder = lm.get_decoder()
+    after = {id(p) for p in decoder.parameters()} | {id(p) for p in lm.get_output_embeddings().parameters()}
+    after -= {id(p) for p in lm.get_input_embeddings().parameters()}
+    named = dict(adapter.named_parameters())
+    return any(id(named[k]) not in after for k in edited if k in named)
 
 
 def _with_labels(batch: EmbeddedBatch, labels: torch.Tensor) -> EmbeddedBatch:
@@ -98,7 +108,7 @@ class ODEditObjective:
         self.optimizer = self._new_optimizer()
         self.multiplier = tv.LagrangeMultiplier(hp.penalty.lambda_hidden, hp.penalty.lambda_init,
                                                 hp.penalty.lambda_max, seed)
-        self.reembed = _needs_reembedding(params)
+        self.reembed = needs_reembedding(adapter, params)
         self.cache = cache
         self.step = 0
         self.best = None  # (objective, {name: tensor}) of the best iterate that makes the edit

@@ -56,15 +56,22 @@ def _copy_back(model: torch.nn.Module, originals: Dict[str, torch.Tensor]) -> No
 def restore_all(model: torch.nn.Module) -> int:
     """Undo every ODEdit edit applied to ``model`` since it was last restored (sequential editing).
     Returns the number of tensors restored."""
+    model = _unwrap(model)  # a native transformers model's history is kept under its view
     history = _HISTORY.pop(model, {})
     _copy_back(model, history)
     return len(history)
 
 
+HF_NATIVE_CLASSES = ("Qwen2VLForConditionalGeneration", "LlavaOnevisionForConditionalGeneration")
+
+
 def _unwrap(model) -> MultimodalLMAdapter:
     if isinstance(model, MultimodalLMAdapter):
         return model
-    if type(model).__name__ in ("Qwen2VLForConditionalGeneration", "LlavaOnevisionForConditionalGeneration"): from ..models.hf_native import view_for; return view_for(model)  # noqa: E501,E701,E702 (main's HF path)
+    if type(model).__name__ in HF_NATIVE_CLASSES:  # GitHub main builds these itself, with a processor as tok
+        from ..models.hf_native import view_for
+
+        return view_for(model)
     raise ODEditError("model", type(model).__name__,
                       "ODEdit drives models through the plugin's adapter: set `name` (with model_name: blip2) "
                       "to a plugin checkpoint or a transformers LLaVA / BLIP-2 directory")
@@ -156,8 +163,9 @@ def build_rows(adapter: MultimodalLMAdapter, view: dict, hparams, seed: int) -> 
 
     def image_features(images):
         with torch.no_grad():
-            same_size = torch.stack([adapter._resize(image.to(adapter.device)) for image in images])
-            return adapter.encode_images(same_size).float().mean(1)  # one batched pass
+            if len({tuple(image.shape) for image in images}) == 1:  # one batched pass when the sizes agree
+                return adapter.encode_images(torch.stack(images)).float().mean(1)
+            return torch.cat([adapter.encode_images(image.unsqueeze(0)).float().mean(1) for image in images])
 
     rows += out["text"] + builder.near_and_far(view, rows, out["image"], image_features)
     _fill_unedited_answers(adapter, rows, n_tokens=len(adapter.tokenizer(view["target"])["input_ids"]))

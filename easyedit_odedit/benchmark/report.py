@@ -1,0 +1,353 @@
+"""Turn a bench run (``DIR/edits.jsonl`` + ``DIR/run.json``) into ``results.json``, ``results.md``
+(also printed) and ``results.png``.
+
+    python -m easyedit_odedit.benchmark.report DIR
+
+``results.json``:
+
+* ``meta``: command, dates, wall time, versions (easyeditor, torch, transformers, ...), the base
+  model's manifest accuracy per question type, the memory measure, threads, device;
+* ``record_counts``: records written per seed (train, test, locality pool) and edits per method
+  and setting;
+* ``per_seed[setting][method][seed][metric]``: means over the edits of one seed;
+* ``summary[setting][method][metric]``: ``mean``/``std`` over seeds (std with ddof 1; 0 for one
+  seed), ``n_seeds``, ``n_edits``;
+* ``paired[setting][method][metric]``: per-edit differences *method minus its host alone* on the
+  same records (same seed, chunk and record), ``mean``, bootstrap 95% interval (numpy, 2,000
+  resamples of the edits, percentile), ``n``, and the differences themselves with their keys;
+* ``time_memory[setting][method]``: per-edit wall time (mean, median, s) and peak RSS (MiB);
+* ``curve``: Rel-vs-locality points over the host learning rate, host alone and with ODEdit;
+* ``not_run``: what the config lists as not run, with the reason;
+* ``per_edit``: every row of ``edits.jsonl``.
+
+Metrics (fractions in [0, 1]; the tables show %): ``rel`` (EasyEdit ``rewrite_acc``), ``t_gen``
+(``rephrase_acc``, the held-out template), ``i_gen`` (``image_rephrase_acc``), ``t_loc``
+(``locality_acc``), ``i_loc`` (``multimodal_locality_acc``, one near miss), ``gen`` (the new answer
+on up to 5 more images of the edited concept), ``near`` (post-vs-pre agreement on up to 10 near-miss
+images: ``near_shape`` same shape other colour, ``near_colour`` same colour other shape), ``far``
+(other shape and colour), ``other_family`` (the other question family on the edit image),
+``i_gen_all`` (I-Gen over ``image_rephrase`` and the ``gen`` images), ``hm`` (per-edit harmonic mean
+of ``i_gen_all`` and ``near``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections import defaultdict
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+METRICS = ("rel", "t_gen", "i_gen", "t_loc", "i_loc", "gen", "near", "near_shape", "near_colour", "far",
+           "other_family", "i_gen_all", "hm")
+PAIRED = ("rel", "t_gen", "i_gen", "i_gen_all", "near", "hm", "i_loc", "far", "t_loc", "other_family")
+LABELS = {"rel": "Rel", "t_gen": "T-Gen", "i_gen": "I-Gen", "t_loc": "T-Loc", "i_loc": "I-Loc", "gen": "Gen5",
+          "near": "Near", "near_shape": "Near-S", "near_colour": "Near-C", "far": "Far",
+          "other_family": "Other-Q", "i_gen_all": "I-Gen6", "hm": "HM(I-Gen6,Near)"}
+TABLE_COLUMNS = ("rel", "t_gen", "i_gen", "t_loc", "i_loc", "gen", "near", "far", "other_family", "hm")
+BOOTSTRAP = 2000
+SETTING_ORDER = ("single", "seq5", "seq10")
+
+
+def load_rows(out: str) -> List[dict]:
+    with open(os.path.join(out, "edits.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def bootstrap_ci(diffs: Sequence[float], resamples: int = BOOTSTRAP, seed: int = 0) -> List[float]:
+    """Percentile 95% interval of the mean, resampling the paired edits."""
+    values = np.asarray(diffs, dtype=float)
+    if len(values) == 0:
+        return [float("nan"), float("nan")]
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), size=(resamples, len(values)))].mean(axis=1)
+    return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+
+
+def _mean(values) -> Optional[float]:
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def _sorted_settings(settings) -> List[str]:
+    return sorted(settings, key=lambda s: (SETTING_ORDER.index(s) if s in SETTING_ORDER else 99, s))
+
+
+def summarise(rows: List[dict]) -> Dict[str, Any]:
+    main = [r for r in rows if r["setting"] != "curve"]
+    per_seed: Dict[str, Dict[str, Dict[str, Dict[str, Optional[float]]]]] = {}
+    groups: Dict[tuple, List[dict]] = defaultdict(list)
+    for r in main:
+        groups[(r["setting"], r["method"], r["seed"])].append(r)
+    for (setting, method, seed), rs in groups.items():
+        per_seed.setdefault(setting, {}).setdefault(method, {})[str(seed)] = {
+            **{m: _mean(r.get(m) for r in rs) for m in METRICS}, "n_edits": len(rs)}
+    summary: Dict[str, Dict[str, Dict[str, Any]]] = {}
+    for setting, by_method in per_seed.items():
+        for method, by_seed in by_method.items():
+            entry = {}
+            for m in METRICS:
+                values = [s[m] for s in by_seed.values() if s[m] is not None]
+                if values:
+                    entry[m] = {"mean": float(np.mean(values)),
+                                "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+                                "n_seeds": len(values)}
+            entry["n_edits"] = sum(s["n_edits"] for s in by_seed.values())
+            summary.setdefault(setting, {})[method] = entry
+    return {"per_seed": per_seed, "summary": summary}
+
+
+def paired_differences(rows: List[dict]) -> Dict[str, Dict[str, Dict[str, Any]]]:
+    """Every method that is not a host alone, minus its host alone, edit by edit."""
+    main = [r for r in rows if r["setting"] != "curve"]
+    alone = {(r["setting"], r["host"], r["seed"], r["chunk"], r["record"]): r
+             for r in main if not r["odedit"] and not r["variant"]}
+    out: Dict[str, Dict[str, Dict[str, Any]]] = {}
+    by_method: Dict[tuple, List[dict]] = defaultdict(list)
+    for r in main:
+        if r["odedit"] or r["variant"]:
+            by_method[(r["setting"], r["method"])].append(r)
+    for (setting, method), rs in by_method.items():
+        entry: Dict[str, Any] = {"versus": rs[0]["host"]}
+        for m in PAIRED:
+            keys, diffs = [], []
+            for r in rs:
+                base = alone.get((r["setting"], r["host"], r["seed"], r["chunk"], r["record"]))
+                if base is None or r.get(m) is None or base.get(m) is None:
+                    continue
+                keys.append([r["seed"], r["chunk"], r["record"]])
+                diffs.append(float(r[m]) - float(base[m]))
+            if diffs:
+                entry[m] = {"mean": float(np.mean(diffs)), "ci95": bootstrap_ci(diffs), "n": len(diffs),
+                            "diffs": diffs, "keys": keys}
+        out.setdefault(setting, {})[method] = entry
+    return out
+
+
+def time_memory(rows: List[dict]) -> Dict[str, Dict[str, Dict[str, float]]]:
+    out: Dict[str, Dict[str, Dict[str, float]]] = {}
+    groups: Dict[tuple, List[dict]] = defaultdict(list)
+    for r in rows:
+        if r["setting"] != "curve":
+            groups[(r["setting"], r["method"])].append(r)
+    for (setting, method), rs in groups.items():
+        t = np.array([r["edit_s"] for r in rs])
+        mem = np.array([r["peak_rss_mib"] for r in rs])
+        out.setdefault(setting, {})[method] = {"edit_s_mean": float(t.mean()), "edit_s_median": float(np.median(t)),
+                                               "edit_s_max": float(t.max()), "peak_rss_mib_median": float(np.median(mem)),
+                                               "peak_rss_mib_max": float(mem.max()), "n": len(rs)}
+    return out
+
+
+def curve_points(rows: List[dict]) -> List[dict]:
+    groups: Dict[tuple, List[dict]] = defaultdict(list)
+    for r in rows:
+        if r["setting"] == "curve":
+            groups[(r["host"], r["odedit"], r["lr"])].append(r)
+    points = []
+    for (host, odedit, lr), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
+        points.append({"host": host, "odedit": odedit, "method": rs[0]["method"], "lr": lr, "n": len(rs),
+                       "seeds": sorted({r["seed"] for r in rs}),
+                       **{m: _mean(r.get(m) for r in rs) for m in METRICS}})
+    return points
+
+
+def build(out: str, show: bool = True) -> Dict[str, Any]:
+    rows = load_rows(out)
+    with open(os.path.join(out, "run.json")) as f:
+        meta = json.load(f)
+    config = meta.get("config", {})
+    results: Dict[str, Any] = {
+        "meta": {k: meta.get(k) for k in ("command", "started", "finished", "wall_s", "versions", "memory_measure",
+                                          "threads", "device", "platform", "cpu_count")},
+        "config": config,
+        "base_model": meta.get("base_model"),
+        "record_counts": {"per_seed": {s: {k: v for k, v in d.items() if k.startswith("n_")}
+                                       for s, d in meta.get("data", {}).items()}},
+        "metric_definitions": {m: LABELS[m] for m in METRICS},
+    }
+    results.update(summarise(rows))
+    edits = defaultdict(dict)
+    for setting, by_method in results["summary"].items():
+        for method, entry in by_method.items():
+            edits[setting][method] = entry["n_edits"]
+    results["record_counts"]["edits"] = dict(edits)
+    results["paired"] = paired_differences(rows)
+    results["time_memory"] = time_memory(rows)
+    results["curve"] = curve_points(rows)
+    results["not_run"] = config.get("not_run", {})
+    results["per_edit"] = rows
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    md = markdown(results)
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(md)
+    plot(results, os.path.join(out, "results.png"))
+    if show:
+        print(md)
+        print(f"written: {os.path.join(out, 'results.json')}, results.md, results.png")
+    return results
+
+
+# -------------------------------------------------------------------------------------------------
+# Markdown
+# -------------------------------------------------------------------------------------------------
+def _pct(entry: Optional[dict], std: bool = True) -> str:
+    if not entry:
+        return "–"
+    if std and entry.get("n_seeds", 1) > 1:
+        return f"{100 * entry['mean']:.1f} ± {100 * entry['std']:.1f}"
+    return f"{100 * entry['mean']:.1f}"
+
+
+def _method_order(methods, config) -> List[str]:
+    hosts = list(config.get("hosts", {}))
+
+    def key(m: str):
+        host = m.split("+")[0].split("[")[0]
+        return (hosts.index(host) if host in hosts else 99, "+" in m, "[" in m, m)
+
+    return sorted(methods, key=key)
+
+
+def markdown(results: Dict[str, Any]) -> str:
+    meta, config = results["meta"], results.get("config", {})
+    v = meta.get("versions") or {}
+    acc = (results.get("base_model") or {}).get("accuracy") or {}
+    lines = [f"# MiniMMEdit benchmark: {config.get('name', '')}", "",
+             f"Command: `{meta.get('command') or 'odedit bench --config ' + str(config.get('source'))}`  ",
+             f"Run: {meta.get('started')} → {meta.get('finished')} ({meta.get('wall_s')} s), {meta.get('device')}, "
+             f"{meta.get('threads')} thread(s), {meta.get('cpu_count')} cores  ",
+             f"Versions: easyeditor {v.get('easyeditor')} ({v.get('easyeditor_flavour')}), torch {v.get('torch')}, "
+             f"transformers {v.get('transformers')}, peft {v.get('peft')}, python {v.get('python')}  ",
+             "Base model (shipped manifest, teacher-forced answer accuracy): " + ", ".join(
+                 f"{k} {acc[k]}%" for k in ("colour", "shape", "yesno", "text_heldout") if k in acc) + "  ",
+             f"Seeds: {config.get('seeds')}; records per seed: " + "; ".join(
+                 f"seed {s}: {c.get('n_train')} train / {c.get('n_test')} test / {c.get('n_locality_pool')} pool entries"
+                 for s, c in results["record_counts"]["per_seed"].items()), "",
+             "Values: % (mean ± std over seeds of the per-seed mean over edits). Rel/T-Gen/I-Gen/T-Loc/I-Loc: "
+             "EasyEdit's own evaluation (locality = post-vs-pre argmax agreement). Gen5: new answer on 5 more images "
+             "of the edited concept; Near: agreement on 10 near-miss images (same shape other colour, same colour "
+             "other shape); Far: other shape and colour; Other-Q: the other question family on the edit image; "
+             "HM: per-edit harmonic mean of I-Gen6 (image_rephrase + Gen5 images) and Near. "
+             f"s/edit: median wall time of the edit call; MiB: median peak RSS during it ({meta.get('memory_measure')}).",
+             ""]
+    summary, tm = results["summary"], results["time_memory"]
+    for setting in _sorted_settings(summary):
+        by_method = summary[setting]
+        n = {m: e["n_edits"] for m, e in by_method.items()}
+        lines += [f"## {setting}" + (" (each edit restored)" if setting == "single" else
+                                      f" (T = {setting[3:]} edits applied, then all evaluated)"), "",
+                  "| method | edits | " + " | ".join(LABELS[c] for c in TABLE_COLUMNS) + " | s/edit | MiB |",
+                  "|---|---:|" + "---:|" * (len(TABLE_COLUMNS) + 2)]
+        for method in _method_order(by_method, config):
+            e = by_method[method]
+            t = tm.get(setting, {}).get(method, {})
+            lines.append(f"| {method} | {n[method]} | " + " | ".join(_pct(e.get(c)) for c in TABLE_COLUMNS)
+                         + f" | {t.get('edit_s_median', float('nan')):.3f} | {t.get('peak_rss_mib_median', float('nan')):.0f} |")
+        lines.append("")
+        paired = results["paired"].get(setting, {})
+        if paired:
+            cols = ("rel", "t_gen", "i_gen", "i_gen_all", "near", "far", "hm")
+            lines += [f"Paired per-edit differences (method − host alone, points; bootstrap 95% CI, {BOOTSTRAP} resamples):", "",
+                      "| method | n | " + " | ".join(f"Δ{LABELS[c]}" for c in cols) + " |",
+                      "|---|---:|" + "---:|" * len(cols)]
+            for method in _method_order(paired, config):
+                p = paired[method]
+                cells = []
+                for c in cols:
+                    d = p.get(c)
+                    cells.append("–" if not d else f"{100 * d['mean']:+.1f} [{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}]")
+                n_pairs = max((p[c]["n"] for c in cols if c in p), default=0)
+                lines.append(f"| {method} | {n_pairs} | " + " | ".join(cells) + " |")
+            lines.append("")
+    if results["curve"]:
+        lines += ["## Rel vs locality over the host learning rate (single editing)", "",
+                  "| method | lr | n | Rel | T-Gen | I-Gen6 | I-Loc | Near | Far | HM |", "|---|---:|---:|" + "---:|" * 7]
+        for p in results["curve"]:
+            lines.append(f"| {p['method']} | {p['lr']:g} | {p['n']} | " + " | ".join(
+                "–" if p.get(c) is None else f"{100 * p[c]:.1f}"
+                for c in ("rel", "t_gen", "i_gen_all", "i_loc", "near", "far", "hm")) + " |")
+        lines.append("")
+    if results.get("not_run"):
+        lines += ["## Not run", ""] + [f"- **{k}**: {v}" for k, v in results["not_run"].items()] + [""]
+    return "\n".join(lines)
+
+
+# -------------------------------------------------------------------------------------------------
+# Figure
+# -------------------------------------------------------------------------------------------------
+def plot(results: Dict[str, Any], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    config = results.get("config", {})
+    summary = results["summary"]
+    settings = _sorted_settings(summary)
+    metrics = ("rel", "t_gen", "i_gen_all", "i_loc", "near", "far", "hm")
+    has_curve = bool(results["curve"])
+    n_panels = len(settings) + (1 if has_curve else 0)
+    fig, axes = plt.subplots(1, max(n_panels, 1), figsize=(6.5 * max(n_panels, 1), 4.6), squeeze=False)
+    axes = axes[0]
+    cmap = plt.get_cmap("tab10")
+    hosts = list(config.get("hosts", {}))
+    for ax, setting in zip(axes, settings):
+        methods = [m for m in _method_order(summary[setting], config) if "[" not in m]
+        width = 0.8 / max(len(methods), 1)
+        x = np.arange(len(metrics))
+        for k, method in enumerate(methods):
+            host = method.split("+")[0]
+            colour = cmap(hosts.index(host) % 10 if host in hosts else 9)
+            e = summary[setting][method]
+            means = [100 * e[m]["mean"] if m in e else np.nan for m in metrics]
+            stds = [100 * e[m]["std"] if m in e else 0 for m in metrics]
+            ax.bar(x + (k - (len(methods) - 1) / 2) * width, means, width, yerr=stds, capsize=2, color=colour,
+                   alpha=1.0 if "+ODEdit" in method else 0.45, hatch="//" if "+ODEdit" in method else None,
+                   edgecolor="black", linewidth=0.4, label=method)
+        ax.set_xticks(x)
+        ax.set_xticklabels([LABELS[m] if m != "hm" else "HM" for m in metrics], fontsize=8)
+        ax.set_ylim(0, 105)
+        ax.set_ylabel("%")
+        ax.set_title(f"{setting}: host alone (light) vs +ODEdit (hatched), ± std over seeds", fontsize=9)
+        ax.legend(fontsize=7, ncol=2, loc="lower left")
+        ax.grid(axis="y", alpha=0.3)
+    if has_curve:
+        ax = axes[-1]
+        groups: Dict[tuple, List[dict]] = defaultdict(list)
+        for p in results["curve"]:
+            groups[(p["host"], p["odedit"])].append(p)
+        for (host, odedit), pts in groups.items():
+            pts = sorted(pts, key=lambda p: p["lr"])
+            colour = cmap(hosts.index(host) % 10 if host in hosts else 9)
+            xs = [100 * (p["near"] or 0) for p in pts]
+            ys = [100 * (p["rel"] or 0) for p in pts]
+            ax.plot(xs, ys, marker="o", linestyle="-" if odedit else "--", color=colour,
+                    alpha=1.0 if odedit else 0.6, label=f"{host}{'+ODEdit' if odedit else ''}")
+            for p, xv, yv in zip(pts, xs, ys):
+                ax.annotate(f"{p['lr']:g}", (xv, yv), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel("near-miss locality (%)")
+        ax.set_ylabel("Rel (%)")
+        ax.set_xlim(-2, 102)
+        ax.set_ylim(-2, 102)
+        ax.set_title("Rel vs near-miss locality over the host lr (labels)", fontsize=9)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) != 1:
+        print("usage: python -m easyedit_odedit.benchmark.report DIR", file=sys.stderr)
+        return 2
+    build(argv[0])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

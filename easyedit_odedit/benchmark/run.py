@@ -1,0 +1,632 @@
+"""The MiniMMEdit benchmark runner (``odedit bench --config hparams/bench/<x>.yaml --out DIR``).
+
+For every seed the runner writes MiniMMEdit records with ``benchmark.records`` (train and test
+split, the train-split locality pool, the image root), then for every host of the config edits the
+test records twice through the *same* code path - the host alone (the ODEdit YAML with
+``enabled: false``) and the host with ODEdit - with the same host hyper-parameters and steps:
+
+* ``single``: each record through EasyEdit's own ``MultimodalEditor.edit(...,
+  keep_original_weight=True)`` (EasyEdit restores the model after every record and computes its own
+  pre/post metrics; locality is post-vs-pre argmax agreement on the answer positions, as the PyPI
+  editor computes it);
+* ``seqT``: T records applied one after another with
+  ``apply_odedit_to_multimodal_model(..., keep_original_weight=False)`` on the editor's model, then
+  all T evaluated with EasyEdit's ``compute_multimodal_edit_results`` (locality against the outputs
+  of the same function before the first edit), then ``easyedit_odedit.restore_all``.
+
+Every edit is also scored on the protocol's extra evaluation (``eval_gen``, ``eval_near_shape``,
+``eval_near_colour``, ``eval_far``, ``eval_other_family``; see ``EXTRA``), with EasyEdit's
+``prepare_multimodal_edit`` / ``compute_multimodal_edit_quality`` on the edited model. The runner
+writes one JSON line per edit to ``DIR/edits.jsonl`` and the run's metadata to ``DIR/run.json``;
+``report.build`` turns them into ``results.json``, ``results.md`` and ``results.png``.
+
+What an editor sees: the record's ``image``/``src``/``alt`` (through EasyEdit's request), the
+train-split pool (``environments.locality_pool``) and ``world.paraphrases`` (never a held-out
+template). The evaluation fields only reach EasyEdit's evaluation.
+
+Time and memory: ``edit_s`` is the wall time of the edit call alone (the algorithm EasyEdit
+dispatches to; evaluation excluded); ``peak_rss_mib`` is the process's resident-set high-water mark
+during that call (Linux ``VmHWM`` after resetting it through ``/proc/self/clear_refs``; where that is
+not possible, the process-lifetime ``ru_maxrss``: see ``run.json: memory_measure``). CPU only here.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import os
+import platform
+import re
+import resource
+import sys
+import time
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import yaml
+from tqdm.auto import tqdm
+
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(PACKAGE_DIR)
+SHIPPED_MODEL = os.path.join(PACKAGE_DIR, "assets", "minimmedit-base")
+PARAPHRASES = "easyedit_odedit.benchmark.world:paraphrases"
+VQA = "Question: {} Short answer:"
+
+# extra evaluation: record field -> (metric name, kind). "edit": accuracy of the edit's new answer
+# (``alt``); "keep": post-vs-pre argmax agreement on the answer positions (EasyEdit's locality rule).
+EXTRA = (("eval_gen", "gen", "edit"), ("eval_near_shape", "near_shape", "keep"),
+         ("eval_near_colour", "near_colour", "keep"), ("eval_far", "far", "keep"),
+         ("eval_other_family", "other_family", "keep"))
+EASYEDIT_METRICS = (("rewrite_acc", "rel"), ("rephrase_acc", "t_gen"), ("image_rephrase_acc", "i_gen"),
+                    ("locality_acc", "t_loc"), ("multimodal_locality_acc", "i_loc"))
+
+DEFAULTS: Dict[str, Any] = {
+    "name": "bench",
+    "base_model": "shipped",
+    "seeds": [0],
+    "threads": 1,
+    "records": {"n_train": 50, "n_test": 20, "pool_images": 2000},
+    "settings": {"single": {"n": 20}, "sequential": {"T": [5, 10], "chunks": 1}},
+    "hosts": {},
+    "variants": [],
+    "curve": None,
+    "not_run": {},
+}
+
+
+class BenchConfigError(ValueError):
+    pass
+
+
+# -------------------------------------------------------------------------------------------------
+# Config
+# -------------------------------------------------------------------------------------------------
+def load_config(path_or_dict) -> Dict[str, Any]:
+    """The bench YAML (or a dict) merged over ``DEFAULTS``; host YAML paths made absolute
+    (relative paths are relative to the bench YAML, then to the repository root)."""
+    if isinstance(path_or_dict, dict):
+        raw, base = copy.deepcopy(path_or_dict), os.getcwd()
+        source = None
+    else:
+        if not os.path.isfile(path_or_dict):
+            raise BenchConfigError(f"bench config {path_or_dict!r} does not exist")
+        with open(path_or_dict) as f:
+            raw = yaml.safe_load(f) or {}
+        base, source = os.path.dirname(os.path.abspath(path_or_dict)), os.path.abspath(path_or_dict)
+    unknown = sorted(set(raw) - set(DEFAULTS))
+    if unknown:
+        raise BenchConfigError(f"bench config: unknown key(s) {unknown}; use {sorted(DEFAULTS)}")
+    config = copy.deepcopy(DEFAULTS)
+    for key, value in raw.items():
+        if isinstance(config.get(key), dict) and isinstance(value, dict) and key not in ("hosts", "not_run"):
+            config[key].update(value)
+        else:
+            config[key] = value
+    config["source"] = source
+    if not config["hosts"]:
+        raise BenchConfigError("bench config: `hosts` must name at least one host: {FT-L: path/to/odedit.yaml}")
+    config["hosts"] = {h: _find(p, base) for h, p in config["hosts"].items()}
+    for variant in config["variants"]:
+        if not {"name", "host"} <= set(variant):
+            raise BenchConfigError(f"bench config: variant {variant} needs `name` and `host`")
+        if variant["host"] not in config["hosts"]:
+            raise BenchConfigError(f"bench config: variant {variant['name']!r} names host {variant['host']!r} "
+                                   f"that is not in `hosts` ({sorted(config['hosts'])})")
+    curve = config.get("curve")
+    if curve:
+        for host in curve.get("hosts", []):
+            if host not in config["hosts"]:
+                raise BenchConfigError(f"bench config: curve host {host!r} is not in `hosts`")
+        if not curve.get("lrs"):
+            raise BenchConfigError("bench config: curve needs `lrs` (the host learning-rate grid)")
+    seeds = config["seeds"]
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
+        raise BenchConfigError(f"bench config: `seeds` must be a non-empty list of integers, got {seeds!r}")
+    n_test = config["records"]["n_test"]
+    single_n = (config["settings"].get("single") or {}).get("n", 0)
+    seq = config["settings"].get("sequential") or {}
+    need = max([single_n] + [t * seq.get("chunks", 1) for t in seq.get("T", [])]
+               + [curve.get("n", 0) if curve else 0])
+    if need > n_test:
+        raise BenchConfigError(f"bench config: records.n_test = {n_test} but the settings need {need} test records")
+    model = config["base_model"]
+    config["base_model"] = SHIPPED_MODEL if model in (None, "shipped") else _find(model, base)
+    return config
+
+
+def _find(path: str, base: str) -> str:
+    for candidate in (path, os.path.join(base, path), os.path.join(REPO_ROOT, path)):
+        if os.path.isabs(candidate) and os.path.exists(candidate):
+            return candidate
+    candidate = os.path.abspath(os.path.join(base, path))
+    if os.path.exists(candidate):
+        return candidate
+    raise BenchConfigError(f"bench config: {path!r} not found (relative to {base} or {REPO_ROOT})")
+
+
+def _merge(base: dict, overrides: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in (overrides or {}).items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+# -------------------------------------------------------------------------------------------------
+# Measurements
+# -------------------------------------------------------------------------------------------------
+class PeakRSS:
+    """Resident-set high-water mark of this process over a block (MiB)."""
+
+    def __init__(self):
+        self.resettable = self._try_reset()
+        self.measure = ("VmHWM (process RSS high-water mark, reset before each edit via /proc/self/clear_refs)"
+                        if self.resettable else "ru_maxrss (process RSS high-water mark since start)")
+
+    @staticmethod
+    def _try_reset() -> bool:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            return PeakRSS._vmhwm() is not None
+        except OSError:
+            return False
+
+    @staticmethod
+    def _vmhwm() -> Optional[float]:
+        try:
+            with open("/proc/self/status") as f:
+                match = re.search(r"VmHWM:\s+(\d+)\s+kB", f.read())
+            return int(match.group(1)) / 1024 if match else None
+        except OSError:
+            return None
+
+    def reset(self) -> None:
+        if self.resettable:
+            self._try_reset()
+
+    def peak_mib(self) -> float:
+        if self.resettable:
+            value = self._vmhwm()
+            if value is not None:
+                return value
+        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return maxrss / 2 ** 20 if sys.platform == "darwin" else maxrss / 1024  # bytes on macOS, KiB on Linux
+
+
+def versions() -> Dict[str, str]:
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for dist in ("easyeditor", "torch", "transformers", "peft", "easy-vqa", "numpy"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    from .. import compat
+
+    out["easyeditor_flavour"] = compat.flavour()
+    return out
+
+
+def base_model_info(model_dir: str) -> Dict[str, Any]:
+    with open(os.path.join(model_dir, "odedit_model.json")) as f:
+        manifest = json.load(f)
+    return {"dir": os.path.abspath(model_dir), "accuracy": manifest.get("accuracy"),
+            "sha256": manifest.get("sha256"), "seed": manifest.get("seed"), "steps": manifest.get("steps"),
+            "command": manifest.get("command"), "architecture": manifest.get("architecture")}
+
+
+# -------------------------------------------------------------------------------------------------
+# EasyEdit's evaluation
+# -------------------------------------------------------------------------------------------------
+class Evaluation:
+    """EasyEdit's multimodal evaluation functions for one editor, plus the protocol's extras."""
+
+    def __init__(self, editor, image_root: str):
+        from .. import compat
+
+        self.compat = compat
+        self.editor = editor
+        self.image_root = image_root
+        evaluate = compat.module("evaluate.evaluate")
+        self._results = evaluate.compute_multimodal_edit_results
+        self._prepare = evaluate.prepare_multimodal_edit
+        self._quality = evaluate.compute_multimodal_edit_quality
+        self._images: Dict[str, Any] = {}
+
+    def path(self, rel: str) -> str:
+        return os.path.abspath(os.path.join(self.image_root, rel))
+
+    def image(self, rel: str):
+        """A record image as EasyEdit's request preparation processes it (cached)."""
+        if rel not in self._images:
+            from PIL import Image
+
+            with Image.open(self.path(rel)) as im:
+                self._images[rel] = self.editor.vis_tok(im.convert("RGB"))
+        return self._images[rel]
+
+    def edit_arguments(self, records: Sequence[dict]) -> dict:
+        """``MultimodalEditor.edit`` / ``_prepare_requests`` arguments (absolute image paths: the
+        PyPI release joins them to ``coco_image``, a no-op for absolute paths)."""
+        return dict(prompts=[VQA.format(r["src"]) for r in records], targets=[r["alt"] for r in records],
+                    image=[self.path(r["image"]) for r in records],
+                    rephrase_prompts=[VQA.format(r["rephrase"]) for r in records],
+                    rephrase_image=[self.path(r["image_rephrase"]) for r in records],
+                    locality_inputs={"text": {"prompt": [r["loc"] for r in records],
+                                              "ground_truth": [r["loc_ans"] for r in records]},
+                                     "vision": {"image": [self.path(r["m_loc"]) for r in records],
+                                                "prompt": [VQA.format(r["m_loc_q"]) for r in records],
+                                                "ground_truth": [r["m_loc_a"] for r in records]}})
+
+    def requests(self, records: Sequence[dict]) -> List[dict]:
+        with self.compat.host_scope():
+            return self.editor._prepare_requests(**self.edit_arguments(records))
+
+    def five(self, request: dict) -> dict:
+        """EasyEdit's ``compute_multimodal_edit_results`` on the editor's model as it is now."""
+        e = self.editor
+        with self.compat.host_scope():
+            return e_results(self._results(e.model, e.model_name, e.hparams, e.tok, request, e.hparams.device))
+
+    def extra_items(self, record: dict) -> List[Tuple[str, str, str, str, str]]:
+        """(metric, kind, image, prompt, target) for every extra evaluation item of a record."""
+        items = []
+        for field, metric, kind in EXTRA:
+            for item in record.get(field, []):
+                items.append((metric, kind, item["image"], VQA.format(item["question"]), item["answer"]))
+        return items
+
+    def argmax(self, items: Sequence[Tuple[str, str, str, str, str]]) -> List[Tuple[tuple, tuple]]:
+        """(predicted ids, target ids) on the answer positions of each item, through EasyEdit's
+        ``prepare_multimodal_edit`` + ``compute_multimodal_edit_quality``; batched per target length."""
+        import torch
+
+        e = self.editor
+        out: List[Optional[Tuple[tuple, tuple]]] = [None] * len(items)
+        groups: Dict[int, List[int]] = {}
+        for i, (_, _, _, _, target) in enumerate(items):
+            groups.setdefault(len(e.tok(target, add_special_tokens=False)["input_ids"]), []).append(i)
+        with self.compat.host_scope():
+            for idx in groups.values():
+                images = torch.stack([self.image(items[i][2]) for i in idx]).to(f"cuda:{e.hparams.device}")
+                batch = self._prepare(e.hparams, e.tok, [items[i][4] for i in idx], [items[i][3] for i in idx], images)
+                _, pred_ids = self._quality(e.model, batch)
+                labels = batch["labels"].cpu().numpy()
+                for row, i in enumerate(idx):
+                    out[i] = (tuple(int(x) for x in pred_ids[row]), tuple(int(x) for x in labels[row]))
+        return out  # type: ignore[return-value]
+
+
+def e_results(result: dict) -> dict:
+    """Accuracies as floats; locality outputs as flat integer lists."""
+    import numpy as np
+
+    out = {}
+    for key, value in result.items():
+        if key.endswith("_output"):
+            out[key] = np.asarray(value).reshape(-1).astype(int).tolist()
+        elif key.endswith("_acc"):
+            out[key] = float(value)
+    return out
+
+
+def agreement(post: Sequence[int], pre: Sequence[int]) -> float:
+    """EasyEdit's (PyPI) locality: mean(post == pre) over the answer positions."""
+    assert len(post) == len(pre), (len(post), len(pre))
+    return float(sum(a == b for a, b in zip(post, pre)) / max(len(post), 1))
+
+
+def extra_metrics(items, post, pre) -> Dict[str, Optional[float]]:
+    """Per-edit extra metrics: ``gen`` (accuracy of the new answer), ``near_shape``, ``near_colour``,
+    ``far``, ``other_family`` (post-vs-pre agreement), ``near`` (both near-miss lists pooled)."""
+    sums: Dict[str, List[float]] = {}
+    for (metric, kind, *_), (post_ids, labels), (pre_ids, _) in zip(items, post, pre):
+        if kind == "edit":
+            value = float(sum(p == t for p, t in zip(post_ids, labels)) / max(len(labels), 1))
+        else:
+            value = agreement(post_ids, pre_ids)
+        sums.setdefault(metric, []).append(value)
+        if metric in ("near_shape", "near_colour"):
+            sums.setdefault("near", []).append(value)
+    return {m: (sum(v) / len(v) if v else None) for m, v in sums.items()}
+
+
+def harmonic(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    if a is None or b is None:
+        return None
+    return 0.0 if a + b == 0 else 2 * a * b / (a + b)
+
+
+# -------------------------------------------------------------------------------------------------
+# One method on one seed
+# -------------------------------------------------------------------------------------------------
+class Method:
+    """One row of the table: a host alone, with ODEdit, or an ODEdit variant."""
+
+    def __init__(self, host: str, yaml_path: str, odedit: bool, variant: Optional[str] = None,
+                 overrides: Optional[dict] = None, lr: Optional[float] = None):
+        self.host, self.yaml_path, self.odedit = host, yaml_path, odedit
+        self.variant, self.overrides, self.lr = variant, overrides or {}, lr
+
+    @property
+    def name(self) -> str:
+        base = f"{self.host}+ODEdit" if self.odedit else self.host
+        return f"{base}[{self.variant}]" if self.variant else base
+
+    def hparams(self, data: Dict[str, str], model_dir: str, seed: int):
+        from ..odedit.odedit_hparams import ODEditHyperParams
+
+        with open(self.yaml_path) as f:
+            config = yaml.safe_load(f)
+        config = _merge(config, self.overrides)
+        if self.lr is not None:
+            config.setdefault("host_hparams", {})
+            if not isinstance(config["host_hparams"], dict):
+                raise BenchConfigError(f"{self.yaml_path}: the lr curve needs inline host_hparams")
+            config["host_hparams"]["lr"] = float(self.lr)
+        image_root = os.path.abspath(data["image_root"])
+        config.update(enabled=self.odedit, name=model_dir, tokenizer_name=model_dir, model_name="blip2",
+                      coco_image=image_root, rephrase_image=image_root, seed=int(seed))
+        env = dict(config.get("environments") or {})
+        env.update(locality_pool=os.path.abspath(data["locality_pool"]), locality_image_root=image_root,
+                   paraphrases=env.get("paraphrases") or PARAPHRASES)
+        config["environments"] = env
+        return ODEditHyperParams.from_dict(config, source_path=self.yaml_path)
+
+    def host_lr(self, hp) -> Optional[float]:
+        return float(getattr(hp.host_params, "lr", float("nan"))) if hasattr(hp.host_params, "lr") else None
+
+
+def _quiet_easyedit() -> None:
+    """EasyEdit logs every edit at INFO to the console and logs/run.log; the bench keeps its own."""
+    for name in ("easyeditor.editors.multimodal_editor", "easyeditor.editors.editor", "easyeditor"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def build_editor(hp):
+    from easyeditor import MultimodalEditor
+
+    editor = MultimodalEditor.from_hparams(hp)
+    _quiet_easyedit()
+    return editor
+
+
+class SeedRun:
+    """Everything of one seed: the records, the editor per method, the pre-edit cache."""
+
+    def __init__(self, config: dict, seed: int, data: Dict[str, str], out: str, peak: PeakRSS, progress: bool):
+        self.config, self.seed, self.data, self.out, self.peak = config, seed, data, out, peak
+        self.progress = progress
+        with open(data["test"]) as f:
+            self.test = json.load(f)
+        self._pre_extra: Dict[tuple, tuple] = {}
+        self._pre_five: Dict[int, dict] = {}
+
+    # -- pre-edit references on the unedited model (the same for every method of this seed) --
+    def pre_extra(self, ev: Evaluation, record: dict, items) -> list:
+        keys = [(it[2], it[3], it[4]) for it in items]
+        todo = [i for i, k in enumerate(keys) if k not in self._pre_extra]
+        if todo:
+            for i, value in zip(todo, ev.argmax([items[i] for i in todo])):
+                self._pre_extra[keys[i]] = value
+        return [self._pre_extra[k] for k in keys]
+
+    def rows_for(self, method: Method, hp, setting: str, records: List[Tuple[int, dict]], five_post: List[dict],
+                 five_pre: List[dict], extra_post: List[list], extra_pre: List[list], items: List[list],
+                 timing: List[Tuple[float, float]], chunk: Optional[int] = None) -> List[dict]:
+        rows = []
+        for j, (index, record) in enumerate(records):
+            post, pre = five_post[j], five_pre[j]
+            row = {"seed": self.seed, "setting": setting, "chunk": chunk, "method": method.name,
+                   "host": method.host, "odedit": method.odedit, "variant": method.variant,
+                   "lr": method.host_lr(hp), "curve": method.lr is not None, "record": index,
+                   "position": j, "scope": {k: record["edit"][k] for k in ("shape", "colour", "family")},
+                   "target": record["alt"], "pred": record["pred"]}
+            for key, name in EASYEDIT_METRICS:
+                row[name] = post.get(key)
+            for key, name in EASYEDIT_METRICS[:3]:
+                row[f"pre_{name}"] = pre.get(key)
+            row.update(extra_metrics(items[j], extra_post[j], extra_pre[j]))
+            k = len(record.get("eval_gen", [])) if row.get("gen") is not None else 0
+            row["i_gen_all"] = (row["i_gen"] + k * (row["gen"] or 0.0)) / (1 + k)  # image_rephrase + eval_gen
+            row["hm"] = harmonic(row["i_gen_all"], row.get("near"))
+            row["edit_s"], row["peak_rss_mib"] = timing[j]
+            rows.append(row)
+        return rows
+
+    # -- single editing through MultimodalEditor.edit ----------------------------------------
+    def single(self, method: Method, n: int, setting: str = "single") -> List[dict]:
+        hp = method.hparams(self.data, self.config["base_model"], self.seed)
+        editor = build_editor(hp)
+        ev = Evaluation(editor, self.data["image_root"])
+        original_apply = editor.apply_algo
+        state: Dict[str, Any] = {}
+
+        def timed_apply(model, tok, requests, hparams, **kwargs):
+            """What EasyEdit dispatches to, timed; the extra evaluation runs on the edited model
+            before EasyEdit restores it."""
+            self.peak.reset()
+            start = time.perf_counter()
+            result = original_apply(model, tok, requests, hparams, **kwargs)
+            state["timing"] = (time.perf_counter() - start, self.peak.peak_mib())
+            state["extra_post"] = ev.argmax(state["items"])
+            return result
+
+        editor.apply_algo = timed_apply
+        snapshot = {k: v.detach().clone() for k, v in editor.model.state_dict().items()}
+        rows = []
+        records = list(enumerate(self.test[:n]))
+        bar = tqdm(records, desc=f"seed {self.seed} {setting} {method.name}" + (f" lr={method.lr:g}" if method.lr else ""),
+                   leave=False, disable=not self.progress)
+        for index, record in bar:
+            items = ev.extra_items(record)
+            extra_pre = self.pre_extra(ev, record, items)
+            state["items"] = items
+            metrics, _, _ = editor.edit(**ev.edit_arguments([record]), keep_original_weight=True, verbose=False)
+            post, pre = e_results(metrics[0]["post"]), e_results(metrics[0]["pre"])
+            rows += self.rows_for(method, hp, setting, [(index, record)], [post], [pre], [state["extra_post"]],
+                                  [extra_pre], [items], [state["timing"]])
+        self._check_restored(editor, snapshot)
+        return rows
+
+    # -- sequential editing ----------------------------------------------------------------
+    def sequential(self, method: Method, T: int, chunk: int) -> List[dict]:
+        from .. import restore_all
+        from ..odedit.odedit_main import apply_odedit_to_multimodal_model
+
+        hp = method.hparams(self.data, self.config["base_model"], self.seed)
+        editor = build_editor(hp)
+        ev = Evaluation(editor, self.data["image_root"])
+        records = list(enumerate(self.test))[chunk * T:(chunk + 1) * T]
+        requests = ev.requests([r for _, r in records])
+        items = [ev.extra_items(r) for _, r in records]
+        extra_pre = [self.pre_extra(ev, r, it) for (_, r), it in zip(records, items)]
+        five_pre = [ev.five(req) for req in requests]
+        original = {k: v.detach().clone() for k, v in editor.model.state_dict().items()}
+        timing = []
+        try:
+            for req in tqdm(requests, desc=f"seed {self.seed} seq{T}/{chunk} {method.name}", leave=False,
+                            disable=not self.progress):
+                self.peak.reset()
+                start = time.perf_counter()
+                apply_odedit_to_multimodal_model(editor.model, editor.tok, [req], hp, keep_original_weight=False)
+                timing.append((time.perf_counter() - start, self.peak.peak_mib()))
+            five_post = [ev.five(req) for req in requests]
+            extra_post = [ev.argmax(it) for it in items]
+        finally:
+            restore_all(editor.model)
+        changed = [k for k, v in editor.model.state_dict().items() if not _equal(original[k], v)]
+        if changed:
+            raise RuntimeError(f"restore_all left {len(changed)} tensors changed after {method.name} seq{T}: {changed[:3]}")
+        for post, pre in zip(five_post, five_pre):  # locality as the PyPI editor computes it
+            for key in ("locality", "multimodal_locality"):
+                if f"{key}_output" in post:
+                    post[f"{key}_acc"] = agreement(post[f"{key}_output"], pre[f"{key}_output"])
+        return self.rows_for(method, hp, f"seq{T}", records, five_post, five_pre, extra_post, extra_pre, items,
+                             timing, chunk=chunk)
+
+    @staticmethod
+    def _check_restored(editor, snapshot) -> None:
+        """After single editing (EasyEdit restores after every record) the model must be unchanged."""
+        changed = [k for k, v in editor.model.state_dict().items() if not _equal(snapshot[k], v)]
+        if changed:
+            raise RuntimeError(f"EasyEdit's restore left {len(changed)} tensors changed: {changed[:3]}")
+
+
+def _equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a, b)
+
+
+# -------------------------------------------------------------------------------------------------
+# The whole bench
+# -------------------------------------------------------------------------------------------------
+def methods(config: dict) -> List[Tuple[Method, List[str]]]:
+    """(method, settings it runs in) for every host alone / with ODEdit and every variant."""
+    settings = _settings(config)
+    out = []
+    for host, path in config["hosts"].items():
+        out.append((Method(host, path, False), settings))
+        out.append((Method(host, path, True), settings))
+    for v in config["variants"]:
+        out.append((Method(v["host"], config["hosts"][v["host"]], bool(v.get("odedit", True)), variant=v["name"],
+                           overrides=v.get("overrides")), [s for s in settings if s in v.get("settings", settings)]))
+    return out
+
+
+def _settings(config: dict) -> List[str]:
+    out = []
+    if (config["settings"].get("single") or {}).get("n"):
+        out.append("single")
+    seq = config["settings"].get("sequential") or {}
+    out += [f"seq{t}" for t in seq.get("T", [])]
+    return out
+
+
+def plan(config: dict) -> List[Tuple[int, Method, str, Optional[int]]]:
+    """Every (seed, method, setting, chunk) the bench runs, in order."""
+    seq = config["settings"].get("sequential") or {}
+    jobs = []
+    curve = config.get("curve") or {}
+    for seed in config["seeds"]:
+        for method, settings in methods(config):
+            for setting in settings:
+                if setting == "single":
+                    jobs.append((seed, method, "single", None))
+                else:
+                    jobs += [(seed, method, setting, c) for c in range(seq.get("chunks", 1))]
+        if curve and seed in curve.get("seeds", config["seeds"][:1]):
+            for host in curve.get("hosts", []):
+                for lr in curve["lrs"]:
+                    for odedit in (False, True):
+                        jobs.append((seed, Method(host, config["hosts"][host], odedit, lr=float(lr)), "curve", None))
+    return jobs
+
+
+def run_bench(config_or_path, out: str, progress: bool = True, report: bool = True) -> Dict[str, Any]:
+    """Run the bench; returns ``results.json``'s content (``report=False``: the run metadata)."""
+    import torch
+
+    import easyedit_odedit  # noqa: F401  (registers ODEdit in EasyEdit)
+
+    from . import records as records_mod
+
+    config = load_config(config_or_path)
+    out = os.path.abspath(out)
+    os.makedirs(out, exist_ok=True)
+    torch.set_num_threads(int(config["threads"]))
+    peak = PeakRSS()
+    started = time.time()
+    edits_path = os.path.join(out, "edits.jsonl")
+    jobs = plan(config)
+    meta = {"config": config, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(started)),
+            "command": " ".join(["odedit"] + sys.argv[1:]) if sys.argv and "odedit" in os.path.basename(sys.argv[0]) else None,
+            "versions": versions(), "base_model": base_model_info(config["base_model"]),
+            "memory_measure": peak.measure, "threads": int(config["threads"]), "device": "cpu"
+            if not torch.cuda.is_available() else torch.cuda.get_device_name(0),
+            "platform": platform.platform(), "cpu_count": os.cpu_count(), "data": {}, "jobs": len(jobs)}
+    with contextlib.chdir(out), open(edits_path, "w") as sink:  # EasyEdit writes logs/ in the cwd
+        seeds_done: Dict[int, SeedRun] = {}
+        bar = tqdm(jobs, desc="bench", disable=not progress)
+        for seed, method, setting, chunk in bar:
+            if seed not in seeds_done:
+                data_dir = os.path.join(out, "data", f"seed{seed}")
+                rc = config["records"]
+                bar.set_postfix_str(f"records seed {seed}")
+                data = records_mod.write_benchmark(config["base_model"], data_dir, int(rc["n_train"]),
+                                                   int(rc["n_test"]), int(seed), int(rc.get("pool_images", 2000)))
+                meta["data"][str(seed)] = {**data, **_record_counts(data)}
+                seeds_done = {seed: SeedRun(config, seed, data, out, peak, progress)}
+            run = seeds_done[seed]
+            bar.set_postfix_str(f"seed {seed} {setting} {method.name}")
+            if setting == "single":
+                rows = run.single(method, int(config["settings"]["single"]["n"]))
+            elif setting == "curve":
+                rows = run.single(method, int(config["curve"].get("n", config["settings"]["single"]["n"])), "curve")
+            else:
+                rows = run.sequential(method, int(setting[3:]), int(chunk))
+            for row in rows:
+                sink.write(json.dumps(row) + "\n")
+            sink.flush()
+    meta["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    meta["wall_s"] = round(time.time() - started, 1)
+    with open(os.path.join(out, "run.json"), "w") as f:
+        json.dump(meta, f, indent=1, default=str)
+    if not report:
+        return meta
+    from .report import build
+
+    return build(out, show=progress)
+
+
+def _record_counts(data: Dict[str, str]) -> Dict[str, int]:
+    counts = {}
+    for key in ("train", "test", "locality_pool"):
+        with open(data[key]) as f:
+            counts[f"n_{key}"] = len(json.load(f))
+    return counts
