@@ -77,3 +77,28 @@ def test_mend_edit_then_odedit_refine_restores_exactly(world, tmp_path):
     assert changed == host["inner_params"]
     restore()
     assert all(torch.equal(before[k], v) for k, v in editor.model.state_dict().items())
+
+
+def test_a_mend_archive_for_another_model_is_a_clear_error(world, tmp_path):
+    """An archive trained for another model (different config / weight shapes) is rejected before
+    EasyEdit's MEND loads it, with the weights untouched."""
+    from easyedit_odedit import ODEditError
+    from easyedit_odedit.hosts.easyedit_native import _check_archive_matches
+    from easyedit_odedit.models.loading import load_adapter
+    from easyedit_odedit.models.tiny import save_tiny_conv_llama
+
+    other = load_adapter(save_tiny_conv_llama(str(tmp_path / "other"), hidden=32))
+    archive = tmp_path / "archive"
+    torch.save({"model": {"model_config": dict(other.config), "mend.(64, 32).u_mean": torch.zeros(1)}}, archive)
+    model = load_adapter(str(world / "model"))
+    inner = ["language_model.model.layers.0.mlp.down_proj.weight"]
+    import pytest
+
+    with pytest.raises(ODEditError, match="archive.*trained for another model"):
+        _check_archive_matches(str(archive), model, inner)
+    torch.save({"model": {"model_config": dict(model.config), "mend.(64, 32).u_mean": torch.zeros(1)}}, archive)
+    with pytest.raises(ODEditError, match="weight shapes"):
+        _check_archive_matches(str(archive), model, inner)
+    (tmp_path / "junk").write_text("not an archive")
+    with pytest.raises(ODEditError, match="could not be read"):
+        _check_archive_matches(str(tmp_path / "junk"), model, inner)

@@ -97,6 +97,7 @@ class EasyEditRefineHost:
             raise ODEditFileNotFoundError("host_hparams.archive", self.hparams.archive,
                                           "train MEND first (MultimodalTrainer with alg: MEND or alg: ODEdit) "
                                           "and point archive at results_dir/models/<alg>/<model>")
+        _check_archive_matches(str(self.hparams.archive), model, self.hparams.inner_params)
         request = dict(view)
         with compat.host_scope():
             self._executor(model).apply_to_model(model, tok, request if compat.flavour() == compat.MAIN else [request],
@@ -109,3 +110,28 @@ class EasyEditRefineHost:
 
     def finalize(self, model) -> None:
         """MEND changed the weights in place; nothing to unload."""
+
+
+def _check_archive_matches(path: str, model, inner_params) -> None:
+    """A MEND archive holds the config of the model it was trained on and one hypernetwork per
+    edited weight shape; loading one trained for another model fails deep inside MEND."""
+    import torch
+
+    with compat.host_scope():
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)["model"]
+        except Exception as err:  # noqa: BLE001 - any unreadable archive gets the same message
+            raise ODEditError("host_hparams.archive", path, "point it at a MultimodalTrainer checkpoint "
+                              f"(results_dir/models/<alg>/<model>); it could not be read ({type(err).__name__})") from None
+    trained_on = state.get("model_config")
+    if trained_on is not None and dict(trained_on) != dict(getattr(model, "config", {}) or {}):
+        raise ODEditError("host_hparams.archive", path,
+                          "this archive was trained for another model: retrain MEND for this model (same `name`)",
+                          problem="does not match the model")
+    wanted = {tuple(p.shape) for n, p in model.named_parameters() if n in set(inner_params)}
+    trained = {key.split(".")[1] for key in state if key.startswith("mend.(")}  # "mend.(128, 64).u_mean"
+    trained = {tuple(int(x) for x in k.strip("()").split(",")) for k in trained}
+    trained |= {shape[::-1] for shape in trained}  # MEND keys some weights by their transposed shape
+    if trained and wanted and not wanted <= trained:
+        raise ODEditError("host_hparams.archive", path, "retrain MEND for these inner_params",
+                          problem=f"has hypernetworks for weight shapes {sorted(trained)}, not {sorted(wanted)}")
