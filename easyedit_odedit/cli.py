@@ -1,82 +1,86 @@
 """``odedit``: command-line entry point.
 
-``odedit demo --out DIR``: one ODEdit edit end to end through EasyEdit's own ``MultimodalEditor``,
-on a small model built here (random weights; until the MiniMMEdit base model ships), printing
-EasyEdit's pre/post metrics as a table and writing them to ``DIR/demo.json``.
+``odedit demo --out DIR``: the quick MiniMMEdit benchmark (``hparams/bench/demo.yaml``: the shipped
+base model, one seed, FT-L and LoRA each alone and with ODEdit, single and T = 5 sequential
+editing, a small learning-rate curve), through EasyEdit's own ``MultimodalEditor`` and evaluation.
+Prints the table and writes ``DIR/results.json``, ``results.md`` and ``results.png``.
+
+``odedit bench --config hparams/bench/full.yaml --out DIR``: the same for any bench config.
+
+``odedit report DIR``: rebuild the table, JSON and figure from ``DIR/edits.jsonl``.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import sys
 import time
 
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+BENCH_DIR = os.path.join(os.path.dirname(PACKAGE_DIR), "hparams", "bench")
+HOST_YAMLS = {"FT-L": "minimmedit-ft-l.yaml", "FT-V": "minimmedit-ft-v.yaml", "LoRA": "minimmedit-lora.yaml"}
 
-def _demo(out: str, host: str) -> dict:
-    import numpy as np
+
+def _demo_config(host=None) -> dict:
     import yaml
-    from PIL import Image
 
-    import easyedit_odedit  # noqa: F401
-    from easyeditor import MultimodalEditor
+    from .benchmark.run import load_config
 
-    from easyedit_odedit import ODEditHyperParams
-    from easyedit_odedit.models.tiny import save_tiny_conv_llama
+    path = os.path.join(BENCH_DIR, "demo.yaml")
+    if not os.path.isfile(path):
+        raise SystemExit(f"odedit demo: {path} not found; run from a checkout of easyedit-odedit "
+                         "(pip install -e .) or pass a config to `odedit bench --config`")
+    if not host:
+        return load_config(path)
+    with open(path) as f:
+        raw = yaml.safe_load(f)
+    raw["hosts"] = {host: os.path.join(os.path.dirname(BENCH_DIR), "ODEdit", HOST_YAMLS[host])}
+    if raw.get("curve"):
+        raw["curve"]["hosts"] = [host]
+    raw["variants"] = [v for v in raw.get("variants", []) if v["host"] == host]
+    raw.setdefault("not_run", {}).pop(host, None)
+    config = load_config(dict(raw, not_run=raw.get("not_run", {})))
+    config["source"] = path
+    return config
 
-    os.makedirs(out, exist_ok=True)
-    model_dir = os.path.join(out, "model")
-    save_tiny_conv_llama(model_dir)
-    rng = np.random.default_rng(0)
-    images = []
-    for i in range(3):
-        path = os.path.abspath(os.path.join(out, f"image{i}.png"))
-        Image.fromarray((rng.random((64, 64, 3)) * 255).astype("uint8")).save(path)
-        images.append(path)
-    pool = os.path.join(out, "pool.json")
-    with open(pool, "w") as f:
-        json.dump([{"loc": "what is two plus two ?", "loc_ans": "four"},
-                   {"loc": "what is one plus one ?", "loc_ans": "two"}], f)
-    config = {"alg_name": "ODEdit", "host": host, "enabled": True,
-              "host_hparams": {"layers": [0, 1], "modules": ["mlp", "self_attn"], "num_steps": 40, "lr": 0.01},
-              "model_name": "blip2", "name": model_dir, "tokenizer_class": "PreTrainedTokenizerFast",
-              "tokenizer_name": model_dir, "device": 0, "coco_image": "", "rephrase_image": "",
-              "environments": {"locality_pool": pool, "out_image": 0}}
-    yaml_path = os.path.join(out, "demo.yaml")
-    with open(yaml_path, "w") as f:
-        yaml.safe_dump(config, f)
-    editor = MultimodalEditor.from_hparams(ODEditHyperParams.from_hparams(yaml_path))
+
+def _run(config, out: str) -> None:
+    from .benchmark.run import run_bench
+
     start = time.time()
-    metrics, _, _ = editor.edit(
-        prompts=["question : what color is the shape ? short answer :"], targets=["green"], image=[images[0]],
-        rephrase_prompts=["what color is the shape ?"], rephrase_image=[images[1]],
-        locality_inputs={"text": {"prompt": ["what is two plus three ?"], "ground_truth": ["five"]},
-                         "vision": {"image": [images[2]], "prompt": ["what shape is in the image ?"],
-                                    "ground_truth": ["circle"]}},
-        keep_original_weight=True, verbose=False)
-    result = {"host": host, "seconds": round(time.time() - start, 2),
-              **{phase: {k: float(v) for k, v in metrics[0][phase].items() if k.endswith("_acc")}
-                 for phase in ("pre", "post")}}
-    with open(os.path.join(out, "demo.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    keys = sorted(result["post"])
-    print(f"\n| metric | pre | post |\n|---|---|---|")
-    for k in keys:
-        pre = result["pre"].get(k)
-        print(f"| {k} | {'' if pre is None else f'{pre:.3f}'} | {result['post'][k]:.3f} |")
-    print(f"\nedit took {result['seconds']} s; written to {os.path.join(out, 'demo.json')}")
-    return result
+    run_bench(config, out)
+    print(f"\nbench finished in {time.time() - start:.0f} s; results in {os.path.abspath(out)}")
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="odedit")
+    parser = argparse.ArgumentParser(prog="odedit", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="one ODEdit edit end to end through EasyEdit's MultimodalEditor")
+    demo = sub.add_parser("demo", help="the quick MiniMMEdit benchmark (hparams/bench/demo.yaml)")
     demo.add_argument("--out", default="results/demo")
-    demo.add_argument("--host", default="FT-L", choices=["FT-L", "FT-V", "LoRA"])
+    demo.add_argument("--host", choices=sorted(HOST_YAMLS),
+                      help="only this host (alone and with ODEdit); default: the demo config's hosts")
+    bench = sub.add_parser("bench", help="a MiniMMEdit benchmark from a bench config")
+    bench.add_argument("--config", required=True, help="e.g. hparams/bench/full.yaml")
+    bench.add_argument("--out", required=True, help="output folder (results.json, results.md, results.png)")
+    report = sub.add_parser("report", help="rebuild results.{json,md,png} from DIR/edits.jsonl")
+    report.add_argument("dir")
     args = parser.parse_args(argv)
     if args.command == "demo":
-        _demo(args.out, args.host)
+        _run(_demo_config(args.host), args.out)
+    elif args.command == "bench":
+        from .benchmark.run import BenchConfigError, load_config
+
+        try:
+            config = load_config(args.config)
+        except BenchConfigError as err:
+            raise SystemExit(f"odedit bench: {err}") from None
+        _run(config, args.out)
+    elif args.command == "report":
+        from .benchmark.report import build
+
+        build(args.dir)
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -134,9 +134,12 @@ def time_memory(rows: List[dict]) -> Dict[str, Dict[str, Dict[str, float]]]:
     for (setting, method), rs in groups.items():
         t = np.array([r["edit_s"] for r in rs])
         mem = np.array([r["peak_rss_mib"] for r in rs])
+        delta = np.array([r.get("rss_delta_mib", np.nan) for r in rs], dtype=float)
         out.setdefault(setting, {})[method] = {"edit_s_mean": float(t.mean()), "edit_s_median": float(np.median(t)),
                                                "edit_s_max": float(t.max()), "peak_rss_mib_median": float(np.median(mem)),
-                                               "peak_rss_mib_max": float(mem.max()), "n": len(rs)}
+                                               "peak_rss_mib_max": float(mem.max()),
+                                               "rss_delta_mib_median": float(np.median(delta)),
+                                               "rss_delta_mib_max": float(np.max(delta)), "n": len(rs)}
     return out
 
 
@@ -176,6 +179,7 @@ def build(out: str, show: bool = True) -> Dict[str, Any]:
     results["paired"] = paired_differences(rows)
     results["time_memory"] = time_memory(rows)
     results["curve"] = curve_points(rows)
+    results["mend_training"] = meta.get("mend_training", {})
     results["not_run"] = config.get("not_run", {})
     results["per_edit"] = rows
     with open(os.path.join(out, "results.json"), "w") as f:
@@ -231,7 +235,10 @@ def markdown(results: Dict[str, Any]) -> str:
              "of the edited concept; Near: agreement on 10 near-miss images (same shape other colour, same colour "
              "other shape); Far: other shape and colour; Other-Q: the other question family on the edit image; "
              "HM: per-edit harmonic mean of I-Gen6 (image_rephrase + Gen5 images) and Near. "
-             f"s/edit: median wall time of the edit call; MiB: median peak RSS during it ({meta.get('memory_measure')}).",
+             f"s/edit: median wall time of the edit call; MiB: median peak process RSS during it "
+             f"({meta.get('memory_measure')}); +MiB: the largest growth of that peak over the RSS at the start of the "
+             "edit (what the edit itself added; the process RSS includes the shared caches). CPU, "
+             f"{meta.get('threads')} torch thread(s).",
              ""]
     summary, tm = results["summary"], results["time_memory"]
     for setting in _sorted_settings(summary):
@@ -239,13 +246,14 @@ def markdown(results: Dict[str, Any]) -> str:
         n = {m: e["n_edits"] for m, e in by_method.items()}
         lines += [f"## {setting}" + (" (each edit restored)" if setting == "single" else
                                       f" (T = {setting[3:]} edits applied, then all evaluated)"), "",
-                  "| method | edits | " + " | ".join(LABELS[c] for c in TABLE_COLUMNS) + " | s/edit | MiB |",
-                  "|---|---:|" + "---:|" * (len(TABLE_COLUMNS) + 2)]
+                  "| method | edits | " + " | ".join(LABELS[c] for c in TABLE_COLUMNS) + " | s/edit | MiB | +MiB |",
+                  "|---|---:|" + "---:|" * (len(TABLE_COLUMNS) + 3)]
         for method in _method_order(by_method, config):
             e = by_method[method]
             t = tm.get(setting, {}).get(method, {})
             lines.append(f"| {method} | {n[method]} | " + " | ".join(_pct(e.get(c)) for c in TABLE_COLUMNS)
-                         + f" | {t.get('edit_s_median', float('nan')):.3f} | {t.get('peak_rss_mib_median', float('nan')):.0f} |")
+                         + f" | {t.get('edit_s_median', float('nan')):.3f} | {t.get('peak_rss_mib_median', float('nan')):.0f}"
+                         f" | {t.get('rss_delta_mib_max', float('nan')):.0f} |")
         lines.append("")
         paired = results["paired"].get(setting, {})
         if paired:
@@ -270,6 +278,18 @@ def markdown(results: Dict[str, Any]) -> str:
                 "–" if p.get(c) is None else f"{100 * p[c]:.1f}"
                 for c in ("rel", "t_gen", "i_gen_all", "i_loc", "near", "far", "hm")) + " |")
         lines.append("")
+    if results.get("mend_training"):
+        lines += ["## MEND meta-training (EasyEdit's MultimodalTrainer, train split; EasyEdit's validation on held-back train records)", "",
+                  "| seed | objective | iters × batch | s | edit/acc_val | image_rephrase/acc_val | loc/acc_val | image_loc/acc_val |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|"]
+        for seed, by_alg in results["mend_training"].items():
+            for alg, info in by_alg.items():
+                val = info.get("val", {})
+                lines.append(f"| {seed} | {'MEND' if alg == 'MEND' else 'MEND+ODEdit (alg ODEdit)'} | "
+                             f"{info.get('max_iters')} × {info.get('batch_size')} | {info.get('seconds')} | " + " | ".join(
+                                 "–" if k not in val else f"{100 * val[k]:.1f}"
+                                 for k in ("edit/acc_val", "image_rephrase/acc_val", "loc/acc_val", "image_loc/acc_val")) + " |")
+        lines.append("")
     if results.get("not_run"):
         lines += ["## Not run", ""] + [f"- **{k}**: {v}" for k, v in results["not_run"].items()] + [""]
     return "\n".join(lines)
@@ -290,7 +310,7 @@ def plot(results: Dict[str, Any], path: str) -> None:
     metrics = ("rel", "t_gen", "i_gen_all", "i_loc", "near", "far", "hm")
     has_curve = bool(results["curve"])
     n_panels = len(settings) + (1 if has_curve else 0)
-    fig, axes = plt.subplots(1, max(n_panels, 1), figsize=(6.5 * max(n_panels, 1), 4.6), squeeze=False)
+    fig, axes = plt.subplots(1, max(n_panels, 1), figsize=(6.5 * max(n_panels, 1), 5.0), squeeze=False)
     axes = axes[0]
     cmap = plt.get_cmap("tab10")
     hosts = list(config.get("hosts", {}))
@@ -312,7 +332,8 @@ def plot(results: Dict[str, Any], path: str) -> None:
         ax.set_ylim(0, 105)
         ax.set_ylabel("%")
         ax.set_title(f"{setting}: host alone (light) vs +ODEdit (hatched), ± std over seeds", fontsize=9)
-        ax.legend(fontsize=7, ncol=2, loc="lower left")
+        ax.legend(fontsize=7, ncol=min(len(methods), 4), loc="upper center", bbox_to_anchor=(0.5, -0.08),
+                  frameon=False)
         ax.grid(axis="y", alpha=0.3)
     if has_curve:
         ax = axes[-1]

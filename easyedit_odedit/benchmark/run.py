@@ -68,8 +68,10 @@ DEFAULTS: Dict[str, Any] = {
     "records": {"n_train": 50, "n_test": 20, "pool_images": 2000},
     "settings": {"single": {"n": 20}, "sequential": {"T": [5, 10], "chunks": 1}},
     "hosts": {},
+    "overrides": {},     # merged into every host's ODEdit YAML (e.g. {host_hparams: {num_steps: 3}})
     "variants": [],
     "curve": None,
+    "mend": None,        # {yaml, train: {host_hparams overrides}, val_records, edit_steps, seeds, settings}
     "not_run": {},
 }
 
@@ -86,7 +88,7 @@ def load_config(path_or_dict) -> Dict[str, Any]:
     (relative paths are relative to the bench YAML, then to the repository root)."""
     if isinstance(path_or_dict, dict):
         raw, base = copy.deepcopy(path_or_dict), os.getcwd()
-        source = None
+        source = raw.pop("source", None)  # an already loaded config
     else:
         if not os.path.isfile(path_or_dict):
             raise BenchConfigError(f"bench config {path_or_dict!r} does not exist")
@@ -98,7 +100,7 @@ def load_config(path_or_dict) -> Dict[str, Any]:
         raise BenchConfigError(f"bench config: unknown key(s) {unknown}; use {sorted(DEFAULTS)}")
     config = copy.deepcopy(DEFAULTS)
     for key, value in raw.items():
-        if isinstance(config.get(key), dict) and isinstance(value, dict) and key not in ("hosts", "not_run"):
+        if isinstance(config.get(key), dict) and isinstance(value, dict) and key not in ("hosts", "not_run", "overrides"):
             config[key].update(value)
         else:
             config[key] = value
@@ -129,6 +131,13 @@ def load_config(path_or_dict) -> Dict[str, Any]:
                + [curve.get("n", 0) if curve else 0])
     if need > n_test:
         raise BenchConfigError(f"bench config: records.n_test = {n_test} but the settings need {need} test records")
+    mend = config.get("mend")
+    if mend:
+        if "yaml" not in mend:
+            raise BenchConfigError("bench config: mend needs `yaml` (an ODEdit YAML with host: MEND)")
+        mend["yaml"] = _find(mend["yaml"], base)
+        if int(mend.get("val_records", 10)) >= int(config["records"]["n_train"]):
+            raise BenchConfigError("bench config: mend.val_records must be smaller than records.n_train")
     model = config["base_model"]
     config["base_model"] = SHIPPED_MODEL if model in (None, "shipped") else _find(model, base)
     return config
@@ -183,9 +192,20 @@ class PeakRSS:
         except OSError:
             return None
 
-    def reset(self) -> None:
+    def reset(self) -> float:
+        """Start a block; returns the current RSS (MiB)."""
         if self.resettable:
             self._try_reset()
+        return self.current_mib()
+
+    @staticmethod
+    def current_mib() -> float:
+        try:
+            with open("/proc/self/status") as f:
+                match = re.search(r"VmRSS:\s+(\d+)\s+kB", f.read())
+            return int(match.group(1)) / 1024 if match else float("nan")
+        except OSError:
+            return float("nan")
 
     def peak_mib(self) -> float:
         if self.resettable:
@@ -225,28 +245,36 @@ def base_model_info(model_dir: str) -> Dict[str, Any]:
 class Evaluation:
     """EasyEdit's multimodal evaluation functions for one editor, plus the protocol's extras."""
 
-    def __init__(self, editor, image_root: str):
+    def __init__(self, editor, image_root: str, image_cache: Optional[Dict[str, Any]] = None):
         from .. import compat
 
         self.compat = compat
         self.editor = editor
         self.image_root = image_root
+        self.image_size = getattr(editor.model, "image_size", None)
         evaluate = compat.module("evaluate.evaluate")
         self._results = evaluate.compute_multimodal_edit_results
         self._prepare = evaluate.prepare_multimodal_edit
         self._quality = evaluate.compute_multimodal_edit_quality
-        self._images: Dict[str, Any] = {}
+        self._images: Dict[str, Any] = {} if image_cache is None else image_cache
 
     def path(self, rel: str) -> str:
         return os.path.abspath(os.path.join(self.image_root, rel))
 
     def image(self, rel: str):
-        """A record image as EasyEdit's request preparation processes it (cached)."""
+        """A record image as EasyEdit's request preparation processes it (its BLIP processor), then
+        the adapter's own resize to the model's resolution, which the adapter would apply anyway
+        (``pixels.to_model_size``): cached at 64 px instead of 364 px (1.6 MB a tensor)."""
         if rel not in self._images:
             from PIL import Image
 
+            from .pixels import to_model_size
+
             with Image.open(self.path(rel)) as im:
-                self._images[rel] = self.editor.vis_tok(im.convert("RGB"))
+                pixels = self.editor.vis_tok(im.convert("RGB"))
+            if self.image_size:
+                pixels = to_model_size(pixels[None], self.image_size)[0]
+            self._images[rel] = pixels
         return self._images[rel]
 
     def edit_arguments(self, records: Sequence[dict]) -> dict:
@@ -347,10 +375,13 @@ def harmonic(a: Optional[float], b: Optional[float]) -> Optional[float]:
 class Method:
     """One row of the table: a host alone, with ODEdit, or an ODEdit variant."""
 
+    def prepare_editor(self, editor, hp) -> None:
+        """Called once per editor before the first edit."""
+
     def __init__(self, host: str, yaml_path: str, odedit: bool, variant: Optional[str] = None,
-                 overrides: Optional[dict] = None, lr: Optional[float] = None):
+                 overrides: Optional[dict] = None, lr: Optional[float] = None, common: Optional[dict] = None):
         self.host, self.yaml_path, self.odedit = host, yaml_path, odedit
-        self.variant, self.overrides, self.lr = variant, overrides or {}, lr
+        self.variant, self.overrides, self.lr, self.common = variant, overrides or {}, lr, common or {}
 
     @property
     def name(self) -> str:
@@ -362,7 +393,7 @@ class Method:
 
         with open(self.yaml_path) as f:
             config = yaml.safe_load(f)
-        config = _merge(config, self.overrides)
+        config = _merge(_merge(config, self.common), self.overrides)
         if self.lr is not None:
             config.setdefault("host_hparams", {})
             if not isinstance(config["host_hparams"], dict):
@@ -381,9 +412,118 @@ class Method:
         return float(getattr(hp.host_params, "lr", float("nan"))) if hasattr(hp.host_params, "lr") else None
 
 
+class MendMethod(Method):
+    """MEND edited by EasyEdit's MEND executor from an archive meta-trained on the seed's train
+    split: ``MEND`` (EasyEdit's objective, ``alg: MEND``) or ``MEND+ODEdit`` (``alg: ODEdit``, host
+    MEND: EasyEdit's losses plus ODEdit's terms). Both edit through the same path (``enabled: false``,
+    ``optimiser.steps`` = ``edit_steps``, 0 by default: the executor's edit only)."""
+
+    def __init__(self, yaml_path: str, odedit: bool, mend: dict, archives):
+        super().__init__("MEND", yaml_path, odedit)
+        self.mend, self.archives = mend, archives
+
+    def hparams(self, data: Dict[str, str], model_dir: str, seed: int):
+        from .. import compat
+        from ..odedit.odedit_hparams import ODEditHyperParams
+
+        archive = self.archives(seed, "ODEdit" if self.odedit else "MEND")
+        with open(self.yaml_path) as f:
+            config = yaml.safe_load(f)
+        editing = compat.import_easyeditor().MENDMultimodalHparams
+        import dataclasses
+
+        names = {f.name for f in dataclasses.fields(editing)}
+        host = _merge(config["host_hparams"], self.mend.get("train") or {})
+        host = {k: v for k, v in host.items() if k in names}
+        host.update(archive=archive, lr_scale=float(host.get("lr_scale", 1.0)), alg="MEND")
+        image_root = os.path.abspath(data["image_root"])
+        config.update(host_hparams=host, enabled=False, name=model_dir, tokenizer_name=model_dir, model_name="blip2",
+                      coco_image=image_root, rephrase_image=image_root, seed=int(seed))
+        config["optimiser"] = dict(config.get("optimiser") or {}, steps=int(self.mend.get("edit_steps", 0)))
+        env = dict(config.get("environments") or {})
+        env.update(locality_pool=os.path.abspath(data["locality_pool"]), locality_image_root=image_root,
+                   paraphrases=env.get("paraphrases") or PARAPHRASES)
+        config["environments"] = env
+        return ODEditHyperParams.from_dict(config, source_path=self.yaml_path)
+
+    def host_lr(self, hp) -> Optional[float]:
+        return float(hp.host_params.edit_lr)
+
+    def prepare_editor(self, editor, hp) -> None:
+        """Load the archive into the executor ODEdit's MEND host will call, in evaluation mode.
+        The PyPI executor builds ``MEND`` and never calls ``.eval()``: in training mode MEND's input
+        normaliser re-initialises its statistics from the edit's own gradient rows (and raises for a
+        one-token answer: "Can't perform normalization with only 1 samples"), instead of using the
+        statistics stored in the archive. EasyEdit's own validation runs MEND in eval mode."""
+        from .. import compat
+        from ..registry import build_host
+
+        executor = build_host(hp)._executor(editor.model)
+        with compat.host_scope():
+            executor.init_model(editor.model, editor.tok, hp.host_params)
+        executor.alg.eval()
+
+
+def train_mend(mend: dict, alg: str, data: Dict[str, str], model_dir: str, seed: int, results_dir: str,
+               progress: bool = True) -> Dict[str, Any]:
+    """Meta-train MEND on the train split with EasyEdit's own ``MultimodalTrainer``: ``alg: MEND``
+    (EasyEdit's ``MENDMultimodalTrainingHparams``) or ``alg: ODEdit`` (host MEND). The last
+    ``val_records`` train records are the validation set. Returns the archive path and EasyEdit's
+    final validation metrics."""
+    from easyeditor import MultimodalTrainer
+
+    from .. import compat
+    from ..hosts.easyedit_native import build_easyedit_hparams
+    from ..odedit.odedit_hparams import ODEditHyperParams
+
+    with open(mend["yaml"]) as f:
+        config = yaml.safe_load(f)
+    host = _merge(config["host_hparams"], mend.get("train") or {})
+    host.update(seed=int(seed), archive=None)
+    image_root = os.path.abspath(data["image_root"])
+    model_fields = dict(model_name="blip2", name=model_dir, tokenizer_name=model_dir,
+                        tokenizer_class=config.get("tokenizer_class", "PreTrainedTokenizerFast"),
+                        coco_image=image_root, rephrase_image=image_root, results_dir=results_dir,
+                        device=config.get("device", 0))
+    if alg == "MEND":
+        hp = build_easyedit_hparams("MEND", dict(host, alg="MEND"), model_fields, "bench mend")
+    else:
+        env = dict(config.get("environments") or {})
+        env.update(locality_pool=os.path.abspath(data["locality_pool"]), locality_image_root=image_root)
+        hp = ODEditHyperParams.from_dict(dict(config, host_hparams=host, environments=env, seed=int(seed),
+                                              **model_fields), source_path=mend["yaml"])
+    n_val = int(mend.get("val_records", 10))
+    with open(data["train"]) as f:
+        records = json.load(f)
+    split = {"fit": records[:-n_val], "val": records[-n_val:]}
+    paths = {}
+    os.makedirs(results_dir, exist_ok=True)
+    for key, recs in split.items():
+        paths[key] = os.path.join(results_dir, f"train_{key}.json")
+        with open(paths[key], "w") as f:
+            json.dump(recs, f)
+    VQADataset = compat.module("dataset.vqa").VQADataset
+    start = time.perf_counter()
+    trainer = MultimodalTrainer(config=hp, train_set=VQADataset(paths["fit"], config=hp),
+                                val_set=VQADataset(paths["val"], config=hp))
+    _quiet_easyedit()
+    trainer.run()
+    seconds = time.perf_counter() - start
+    with open(os.path.join(results_dir, "results.json")) as f:
+        val = json.load(f).get("results", {})
+    archive = os.path.join(results_dir, "models", alg, "blip2")
+    if not os.path.isfile(archive):
+        raise RuntimeError(f"MEND training ({alg}) wrote no archive at {archive}")
+    return {"archive": archive, "alg": alg, "seconds": round(seconds, 1), "n_fit": len(split["fit"]),
+            "n_val": len(split["val"]), "max_iters": host.get("max_iters"), "batch_size": host.get("batch_size"),
+            "val": {k: float(v) for k, v in val.items() if isinstance(v, (int, float))}}
+
+
 def _quiet_easyedit() -> None:
     """EasyEdit logs every edit at INFO to the console and logs/run.log; the bench keeps its own."""
-    for name in ("easyeditor.editors.multimodal_editor", "easyeditor.editors.editor", "easyeditor"):
+    for name in ("easyeditor.editors.multimodal_editor", "easyeditor.editors.editor", "easyeditor",
+                 "easyeditor.trainer.BaseTrainer", "easyeditor.trainer.MultimodalTrainer", "easyeditor.trainer.algs.MEND",
+                 "easyeditor.trainer.models", "easyeditor.trainer.algs.local_nn", "matplotlib"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
@@ -404,7 +544,17 @@ class SeedRun:
         with open(data["test"]) as f:
             self.test = json.load(f)
         self._pre_extra: Dict[tuple, tuple] = {}
-        self._pre_five: Dict[int, dict] = {}
+        self.images: Dict[str, Any] = {}  # evaluation images of this seed, shared by every method
+        self.mend_training: Dict[str, Dict[str, Any]] = {}
+
+    def mend_archive(self, seed: int, alg: str) -> str:
+        """The seed's MEND archive trained with ``alg`` (trained on first use)."""
+        assert seed == self.seed
+        if alg not in self.mend_training:
+            results_dir = os.path.join(self.out, "mend", f"seed{seed}", alg)
+            self.mend_training[alg] = train_mend(self.config["mend"], alg, self.data, self.config["base_model"],
+                                                 seed, results_dir, self.progress)
+        return self.mend_training[alg]["archive"]
 
     # -- pre-edit references on the unedited model (the same for every method of this seed) --
     def pre_extra(self, ev: Evaluation, record: dict, items) -> list:
@@ -434,7 +584,8 @@ class SeedRun:
             k = len(record.get("eval_gen", [])) if row.get("gen") is not None else 0
             row["i_gen_all"] = (row["i_gen"] + k * (row["gen"] or 0.0)) / (1 + k)  # image_rephrase + eval_gen
             row["hm"] = harmonic(row["i_gen_all"], row.get("near"))
-            row["edit_s"], row["peak_rss_mib"] = timing[j]
+            row["edit_s"], row["peak_rss_mib"], before = timing[j]
+            row["rss_delta_mib"] = row["peak_rss_mib"] - before  # growth over the RSS at the start of the edit
             rows.append(row)
         return rows
 
@@ -442,17 +593,18 @@ class SeedRun:
     def single(self, method: Method, n: int, setting: str = "single") -> List[dict]:
         hp = method.hparams(self.data, self.config["base_model"], self.seed)
         editor = build_editor(hp)
-        ev = Evaluation(editor, self.data["image_root"])
+        method.prepare_editor(editor, hp)
+        ev = Evaluation(editor, self.data["image_root"], self.images)
         original_apply = editor.apply_algo
         state: Dict[str, Any] = {}
 
         def timed_apply(model, tok, requests, hparams, **kwargs):
             """What EasyEdit dispatches to, timed; the extra evaluation runs on the edited model
             before EasyEdit restores it."""
-            self.peak.reset()
+            before = self.peak.reset()
             start = time.perf_counter()
             result = original_apply(model, tok, requests, hparams, **kwargs)
-            state["timing"] = (time.perf_counter() - start, self.peak.peak_mib())
+            state["timing"] = (time.perf_counter() - start, self.peak.peak_mib(), before)
             state["extra_post"] = ev.argmax(state["items"])
             return result
 
@@ -480,7 +632,8 @@ class SeedRun:
 
         hp = method.hparams(self.data, self.config["base_model"], self.seed)
         editor = build_editor(hp)
-        ev = Evaluation(editor, self.data["image_root"])
+        method.prepare_editor(editor, hp)
+        ev = Evaluation(editor, self.data["image_root"], self.images)
         records = list(enumerate(self.test))[chunk * T:(chunk + 1) * T]
         requests = ev.requests([r for _, r in records])
         items = [ev.extra_items(r) for _, r in records]
@@ -491,10 +644,10 @@ class SeedRun:
         try:
             for req in tqdm(requests, desc=f"seed {self.seed} seq{T}/{chunk} {method.name}", leave=False,
                             disable=not self.progress):
-                self.peak.reset()
+                before = self.peak.reset()
                 start = time.perf_counter()
                 apply_odedit_to_multimodal_model(editor.model, editor.tok, [req], hp, keep_original_weight=False)
-                timing.append((time.perf_counter() - start, self.peak.peak_mib()))
+                timing.append((time.perf_counter() - start, self.peak.peak_mib(), before))
             five_post = [ev.five(req) for req in requests]
             extra_post = [ev.argmax(it) for it in items]
         finally:
@@ -531,11 +684,17 @@ def methods(config: dict) -> List[Tuple[Method, List[str]]]:
     settings = _settings(config)
     out = []
     for host, path in config["hosts"].items():
-        out.append((Method(host, path, False), settings))
-        out.append((Method(host, path, True), settings))
+        out.append((Method(host, path, False, common=config["overrides"]), settings))
+        out.append((Method(host, path, True, common=config["overrides"]), settings))
     for v in config["variants"]:
         out.append((Method(v["host"], config["hosts"][v["host"]], bool(v.get("odedit", True)), variant=v["name"],
-                           overrides=v.get("overrides")), [s for s in settings if s in v.get("settings", settings)]))
+                           overrides=v.get("overrides"), common=config["overrides"]),
+                    [s for s in settings if s in v.get("settings", settings)]))
+    mend = config.get("mend")
+    if mend:
+        for odedit in (False, True):
+            out.append((MendMethod(mend["yaml"], odedit, mend, archives=None),
+                        [s for s in settings if s in mend.get("settings", settings)]))
     return out
 
 
@@ -553,8 +712,11 @@ def plan(config: dict) -> List[Tuple[int, Method, str, Optional[int]]]:
     seq = config["settings"].get("sequential") or {}
     jobs = []
     curve = config.get("curve") or {}
+    mend_seeds = (config.get("mend") or {}).get("seeds", config["seeds"])
     for seed in config["seeds"]:
         for method, settings in methods(config):
+            if isinstance(method, MendMethod) and seed not in mend_seeds:
+                continue
             for setting in settings:
                 if setting == "single":
                     jobs.append((seed, method, "single", None))
@@ -564,7 +726,8 @@ def plan(config: dict) -> List[Tuple[int, Method, str, Optional[int]]]:
             for host in curve.get("hosts", []):
                 for lr in curve["lrs"]:
                     for odedit in (False, True):
-                        jobs.append((seed, Method(host, config["hosts"][host], odedit, lr=float(lr)), "curve", None))
+                        jobs.append((seed, Method(host, config["hosts"][host], odedit, lr=float(lr),
+                                                  common=config["overrides"]), "curve", None))
     return jobs
 
 
@@ -581,6 +744,7 @@ def run_bench(config_or_path, out: str, progress: bool = True, report: bool = Tr
     os.makedirs(out, exist_ok=True)
     torch.set_num_threads(int(config["threads"]))
     peak = PeakRSS()
+    _quiet_easyedit()
     started = time.time()
     edits_path = os.path.join(out, "edits.jsonl")
     jobs = plan(config)
@@ -601,8 +765,13 @@ def run_bench(config_or_path, out: str, progress: bool = True, report: bool = Tr
                 data = records_mod.write_benchmark(config["base_model"], data_dir, int(rc["n_train"]),
                                                    int(rc["n_test"]), int(seed), int(rc.get("pool_images", 2000)))
                 meta["data"][str(seed)] = {**data, **_record_counts(data)}
+                _drop_pool_image_cache()  # the previous seed's pool images are not used again
                 seeds_done = {seed: SeedRun(config, seed, data, out, peak, progress)}
             run = seeds_done[seed]
+            if isinstance(method, MendMethod):
+                method.archives = run.mend_archive
+                if setting == "single" and not run.mend_training.get("ODEdit" if method.odedit else "MEND"):
+                    bar.set_postfix_str(f"seed {seed}: meta-training {method.name}")
             bar.set_postfix_str(f"seed {seed} {setting} {method.name}")
             if setting == "single":
                 rows = run.single(method, int(config["settings"]["single"]["n"]))
@@ -613,6 +782,8 @@ def run_bench(config_or_path, out: str, progress: bool = True, report: bool = Tr
             for row in rows:
                 sink.write(json.dumps(row) + "\n")
             sink.flush()
+            if run.mend_training:
+                meta.setdefault("mend_training", {})[str(seed)] = run.mend_training
     meta["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     meta["wall_s"] = round(time.time() - started, 1)
     with open(os.path.join(out, "run.json"), "w") as f:
@@ -622,6 +793,14 @@ def run_bench(config_or_path, out: str, progress: bool = True, report: bool = Tr
     from .report import build
 
     return build(out, show=progress)
+
+
+def _drop_pool_image_cache() -> None:
+    """ODEdit keeps every pool image it has processed (at EasyEdit's 364 px, ~1.6 MB each) for the
+    life of the process; each seed has its own pool, so drop the previous seed's."""
+    from .. import environments
+
+    environments._PROCESSED_POOL_IMAGES.clear()
 
 
 def _record_counts(data: Dict[str, str]) -> Dict[str, int]:

@@ -1,0 +1,117 @@
+"""The MiniMMEdit bench runner end to end on a tiny config (shipped base model, FT-L alone and with
+ODEdit, 2 test records, 1 seed, 3 steps; MEND meta-trained for 6 iterations with each objective),
+through the ``odedit bench`` command."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+UNIT = ("rel", "t_gen", "i_gen", "t_loc", "i_loc", "gen", "near", "near_shape", "near_colour", "far",
+        "other_family", "i_gen_all", "hm")
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    from easyedit_odedit.cli import main
+
+    root = tmp_path_factory.mktemp("bench")
+    config = {"name": "tiny", "seeds": [3], "records": {"n_train": 6, "n_test": 2, "pool_images": 40},
+              "settings": {"single": {"n": 2}, "sequential": {"T": [2], "chunks": 1}},
+              "hosts": {"FT-L": os.path.join(ROOT, "hparams/ODEdit/minimmedit-ft-l.yaml")},
+              "overrides": {"host_hparams": {"num_steps": 3, "lr": 3.0e-3}},
+              "curve": {"hosts": ["FT-L"], "lrs": [1.0e-4, 3.0e-3], "n": 1},
+              "mend": {"yaml": os.path.join(ROOT, "hparams/bench/minimmedit-mend-host.yaml"), "settings": ["single"],
+                       "train": {"max_iters": 6, "val_interval": 3, "val_steps": 1, "batch_size": 2,
+                                 "val_batch_size": 2}, "val_records": 2},
+              "not_run": {"IKE": "not in this test"}}
+    path = root / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = root / "out"
+    cwd = os.getcwd()
+    main(["bench", "--config", str(path), "--out", str(out)])
+    assert os.getcwd() == cwd  # the runner's chdir (EasyEdit's logs/) is undone
+    with open(out / "results.json") as f:
+        return out, json.load(f)
+
+
+def test_outputs_and_fields(bench):
+    out, res = bench
+    for name in ("results.json", "results.md", "results.png", "edits.jsonl", "run.json"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0
+    for key in ("meta", "base_model", "record_counts", "per_seed", "summary", "paired", "time_memory", "curve",
+                "not_run", "per_edit"):
+        assert key in res, key
+    versions = res["meta"]["versions"]
+    assert versions["easyeditor"] and versions["torch"] and versions["transformers"]
+    assert set(res["base_model"]["accuracy"]) >= {"colour", "shape", "yesno", "text_heldout"}
+    assert res["record_counts"]["per_seed"]["3"]["n_test"] == 2
+    assert set(res["summary"]) == {"single", "seq2"}
+    assert set(res["summary"]["single"]) == {"FT-L", "FT-L+ODEdit", "MEND", "MEND+ODEdit"}
+    assert set(res["summary"]["seq2"]) == {"FT-L", "FT-L+ODEdit"}
+    training = res["mend_training"]["3"]
+    assert set(training) == {"MEND", "ODEdit"} and all(os.path.isfile(t["archive"]) for t in training.values())
+    assert res["record_counts"]["edits"]["single"]["FT-L+ODEdit"] == 2
+    assert res["record_counts"]["edits"]["seq2"]["FT-L"] == 2
+    assert res["not_run"] == {"IKE": "not in this test"}
+    assert {(p["method"], p["lr"]) for p in res["curve"]} == {
+        (m, lr) for m in ("FT-L", "FT-L+ODEdit") for lr in (1.0e-4, 3.0e-3)}
+    md = (out / "results.md").read_text()
+    assert "| FT-L+ODEdit |" in md and "Paired per-edit differences" in md
+
+
+def test_per_edit_values_are_fractions_with_time_and_memory(bench):
+    _, res = bench
+    rows = res["per_edit"]
+    assert len(rows) == 2 * 2 + 2 * 2 + 2 * 2 * 1 + 2 * 2  # single, seq2, curve, MEND single
+    for row in rows:
+        for m in UNIT:
+            assert row[m] is not None and 0.0 <= row[m] <= 1.0, (m, row[m])
+        assert row["edit_s"] > 0 and row["peak_rss_mib"] > 0
+        assert 0.0 <= row["pre_rel"] <= 1.0
+        assert row["hm"] == pytest.approx(0.0 if row["i_gen_all"] + row["near"] == 0 else
+                                          2 * row["i_gen_all"] * row["near"] / (row["i_gen_all"] + row["near"]))
+        assert row["near"] == pytest.approx((row["near_shape"] + row["near_colour"]) / 2)  # 5 + 5 images
+
+
+def test_summary_means_and_paired_differences_are_consistent(bench):
+    _, res = bench
+    rows = [r for r in res["per_edit"] if r["setting"] != "curve"]
+    for setting, by_method in res["summary"].items():
+        for method, entry in by_method.items():
+            mine = [r for r in rows if r["setting"] == setting and r["method"] == method]
+            for m in UNIT:
+                assert entry[m]["mean"] == pytest.approx(np.mean([r[m] for r in mine]))
+                assert entry[m]["std"] == 0.0 and entry[m]["n_seeds"] == 1
+    assert res["paired"]["single"]["MEND+ODEdit"]["versus"] == "MEND"
+    for setting, by_method in res["paired"].items():
+        d = by_method["FT-L+ODEdit"]
+        for m in ("t_gen", "i_gen", "near", "hm"):
+            diffs = []
+            for seed, chunk, record in d[m]["keys"]:
+                pick = lambda odedit: next(r for r in rows if r["setting"] == setting and r["odedit"] is odedit  # noqa: E731
+                                           and r["seed"] == seed and r["chunk"] == chunk and r["record"] == record)
+                diffs.append(pick(True)[m] - pick(False)[m])
+            assert d[m]["diffs"] == pytest.approx(diffs)
+            assert d[m]["mean"] == pytest.approx(np.mean(diffs))
+            lo, hi = d[m]["ci95"]
+            assert lo - 1e-12 <= d[m]["mean"] <= hi + 1e-12 and -1.0 <= lo <= hi <= 1.0
+            assert d[m]["n"] == 2
+    for setting, by_method in res["time_memory"].items():
+        for entry in by_method.values():
+            assert entry["edit_s_median"] > 0 and math.isfinite(entry["peak_rss_mib_max"])
+
+
+def test_bench_config_errors_name_the_problem(tmp_path):
+    from easyedit_odedit.benchmark.run import BenchConfigError, load_config
+
+    with pytest.raises(BenchConfigError, match="hosts"):
+        load_config({"seeds": [0]})
+    with pytest.raises(BenchConfigError, match="unknown key"):
+        load_config({"hosts": {"FT-L": os.path.join(ROOT, "hparams/ODEdit/minimmedit-ft-l.yaml")}, "sedes": [0]})
+    with pytest.raises(BenchConfigError, match="n_test"):
+        load_config({"hosts": {"FT-L": os.path.join(ROOT, "hparams/ODEdit/minimmedit-ft-l.yaml")},
+                     "records": {"n_test": 3}, "settings": {"single": {"n": 5}}})
