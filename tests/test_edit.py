@@ -51,9 +51,10 @@ def test_the_edit_takes_on_a_trained_small_model(world, enabled):
     assert float(metrics[0]["post"]["rewrite_acc"]) == 1.0
 
 
-def test_edited_weights_do_not_depend_on_evaluation_fields(world):
+@pytest.mark.parametrize("host", sorted(HOSTS))
+def test_edited_weights_do_not_depend_on_evaluation_fields(world, host):
     """No leakage: the same edit with real and with other evaluation fields gives identical weights."""
-    hp = ODEditHyperParams.from_hparams(write_yaml(world, "FT-L"))
+    hp = ODEditHyperParams.from_hparams(write_yaml(world, host, HOSTS[host]))
     editor = MultimodalEditor.from_hparams(hp)
     results = []
     for rephrase, loc in [("what is the color of the shape ?", "what is two plus three ?"),
