@@ -310,8 +310,13 @@ def plot(results: Dict[str, Any], path: str) -> None:
     metrics = ("rel", "t_gen", "i_gen_all", "i_loc", "near", "far", "hm")
     has_curve = bool(results["curve"])
     n_panels = len(settings) + (1 if has_curve else 0)
-    fig, axes = plt.subplots(1, max(n_panels, 1), figsize=(6.5 * max(n_panels, 1), 5.0), squeeze=False)
-    axes = axes[0]
+    n_cols = min(max(n_panels, 1), 2)
+    n_rows = -(-max(n_panels, 1) // n_cols)
+    fig, grid = plt.subplots(n_rows, n_cols, figsize=(8.0 * n_cols, 5.2 * n_rows), squeeze=False)
+    axes = list(grid.reshape(-1))
+    for ax in axes[n_panels:]:
+        ax.axis("off")
+    axes = axes[:max(n_panels, 1)]
     cmap = plt.get_cmap("tab10")
     hosts = list(config.get("hosts", {}))
     for ax, setting in zip(axes, settings):
