@@ -25,7 +25,7 @@ demo: venv
 	$(VENV)/bin/odedit demo --out results/demo
 
 bench: venv
-	$(VENV)/bin/odedit bench --config hparams/bench/full.yaml --out results/full
+	$(VENV)/bin/odedit bench --config hparams/bench/full.yaml --out benchmarks/results/full
 
 clean:
 	rm -rf $(VENV) results

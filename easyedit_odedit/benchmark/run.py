@@ -14,6 +14,11 @@ test records twice through the *same* code path - the host alone (the ODEdit YAM
   all T evaluated with EasyEdit's ``compute_multimodal_edit_results`` (locality against the outputs
   of the same function before the first edit), then ``easyedit_odedit.restore_all``.
 
+MEND (the config's ``mend:`` section): per seed, MEND is meta-trained on the train split with
+EasyEdit's own ``MultimodalTrainer`` twice - ``alg: MEND`` (EasyEdit's objective) and ``alg: ODEdit``
+(host MEND: EasyEdit's losses plus ODEdit's) - and each archive edits through EasyEdit's MEND
+executor (``MENDMultimodalHparams`` with ``archive``; ``enabled: false``, ``optimiser.steps: 0``).
+
 Every edit is also scored on the protocol's extra evaluation (``eval_gen``, ``eval_near_shape``,
 ``eval_near_colour``, ``eval_far``, ``eval_other_family``; see ``EXTRA``), with EasyEdit's
 ``prepare_multimodal_edit`` / ``compute_multimodal_edit_quality`` on the edited model. The runner
@@ -41,7 +46,7 @@ import re
 import resource
 import sys
 import time
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 from tqdm.auto import tqdm
