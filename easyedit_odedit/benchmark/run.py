@@ -404,17 +404,22 @@ class Method:
             if not isinstance(config["host_hparams"], dict):
                 raise BenchConfigError(f"{self.yaml_path}: the lr curve needs inline host_hparams")
             config["host_hparams"]["lr"] = float(self.lr)
-        image_root = os.path.abspath(data["image_root"])
-        config.update(enabled=self.odedit, name=model_dir, tokenizer_name=model_dir, model_name="blip2",
-                      coco_image=image_root, rephrase_image=image_root, seed=int(seed))
-        env = dict(config.get("environments") or {})
-        env.update(locality_pool=os.path.abspath(data["locality_pool"]), locality_image_root=image_root,
-                   paraphrases=env.get("paraphrases") or PARAPHRASES)
-        config["environments"] = env
+        _point_at_world(config, data, model_dir, seed, enabled=self.odedit)
         return ODEditHyperParams.from_dict(config, source_path=self.yaml_path)
 
     def host_lr(self, hp) -> Optional[float]:
         return float(getattr(hp.host_params, "lr", float("nan"))) if hasattr(hp.host_params, "lr") else None
+
+
+def _point_at_world(config: dict, data: Dict[str, str], model_dir: str, seed: int, enabled: bool) -> None:
+    """The model, image roots, seed and train-split pool of one bench world, into an ODEdit config."""
+    image_root = os.path.abspath(data["image_root"])
+    config.update(enabled=enabled, name=model_dir, tokenizer_name=model_dir, model_name="blip2",
+                  coco_image=image_root, rephrase_image=image_root, seed=int(seed))
+    env = dict(config.get("environments") or {})
+    env.update(locality_pool=os.path.abspath(data["locality_pool"]), locality_image_root=image_root,
+               paraphrases=env.get("paraphrases") or PARAPHRASES)
+    config["environments"] = env
 
 
 class MendMethod(Method):
@@ -441,14 +446,9 @@ class MendMethod(Method):
         host = _merge(config["host_hparams"], self.mend.get("train") or {})
         host = {k: v for k, v in host.items() if k in names}
         host.update(archive=archive, lr_scale=float(host.get("lr_scale", 1.0)), alg="MEND")
-        image_root = os.path.abspath(data["image_root"])
-        config.update(host_hparams=host, enabled=False, name=model_dir, tokenizer_name=model_dir, model_name="blip2",
-                      coco_image=image_root, rephrase_image=image_root, seed=int(seed))
+        config["host_hparams"] = host
         config["optimiser"] = dict(config.get("optimiser") or {}, steps=int(self.mend.get("edit_steps", 0)))
-        env = dict(config.get("environments") or {})
-        env.update(locality_pool=os.path.abspath(data["locality_pool"]), locality_image_root=image_root,
-                   paraphrases=env.get("paraphrases") or PARAPHRASES)
-        config["environments"] = env
+        _point_at_world(config, data, model_dir, seed, enabled=False)
         return ODEditHyperParams.from_dict(config, source_path=self.yaml_path)
 
     def host_lr(self, hp) -> Optional[float]:
