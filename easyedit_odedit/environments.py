@@ -28,7 +28,6 @@ import torch
 import torchvision.transforms.v2.functional as TF
 
 from .errors import ODEditError, ODEditFileNotFoundError
-from .models.tokenizer import words
 
 EDIT_FIELDS = ("prompt", "target", "image")
 VQA_TEMPLATE = "Question: {} Short answer:"
@@ -300,8 +299,3 @@ class EnvironmentSampler:
         for env, idx in self.groups.items():
             chosen += self.rng.sample(idx, min(self.quota(env), len(idx)))
         return sorted(chosen)
-
-
-def answer_words(tokenizer, ids: Sequence[int]) -> str:
-    text = tokenizer.decode(list(ids), skip_special_tokens=True).strip()
-    return " ".join(words(text)) if text else text

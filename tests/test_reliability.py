@@ -15,7 +15,6 @@ import types
 import pytest
 import torch
 
-from easyedit_odedit import compat
 from easyeditor import MultimodalEditor
 
 from easyedit_odedit import ODEditError, ODEditFileNotFoundError, ODEditHyperParams, compat, validation
