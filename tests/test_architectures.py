@@ -8,6 +8,8 @@ EasyEdit's metrics, change exactly the parameters the YAML names, and leave the 
 
 * ``blip2`` / ``llava15``: EasyEdit's LAVIS path (``model_name: blip2``, ``name: <dir>``), in both
   EasyEdit versions.
+* ``minigpt4``: EasyEdit's MiniGPT-4 path (``model_name: minigpt4``, ``name: <plugin MiniGPT-4 folder>``),
+  in both EasyEdit versions; ``tests/test_minigpt4.py`` checks the folder's files against EasyEdit's classes.
 * ``qwen2vl`` / ``llava-onevision``: GitHub main's HF path only (skipped on the PyPI release); run with
   ``/tmp/ee-main/run-plugin-tests.sh /work/main -q -k architectures``.
 """
@@ -31,7 +33,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAIN = compat.flavour() == compat.MAIN
 # YAML prefix -> (tiny architecture, GitHub main only)
 ARCHS = {"blip2": ("blip2-opt", False), "llava15": ("llava-1.5", False),
-         "qwen2vl": ("qwen2-vl", True), "llava-onevision": ("llava-onevision", True)}
+         "qwen2vl": ("qwen2-vl", True), "llava-onevision": ("llava-onevision", True),
+         "minigpt4": ("minigpt4", False)}
 _LLAMA_MLP = r"language_model\.model\.language_model\.layers\.{layers}\.mlp\.({mods})_proj\.weight"
 # What each shipped YAML edits on the 4-layer tiny model (the same names as on the real model, with
 # the YAML's negative layer indices resolved to layers 1-3 or 2-3), and how many tensors.
@@ -48,6 +51,10 @@ EXPECTED = {
     ("llava-onevision", "FT-L"): (_LLAMA_MLP.format(layers="[123]", mods="up|down"), 6),
     ("llava-onevision", "FT-V"): (r"image_encoder\.model\.multi_modal_projector\.linear_[12]\.(weight|bias)", 4),
     ("llava-onevision", "LoRA"): (_LLAMA_MLP.format(layers="[123]", mods="up|down"), 6),
+    # MiniGPT-4: EasyEdit's names with llama_model -> language_model (models/minigpt4.py)
+    ("minigpt4", "FT-L"): (r"language_model\.model\.layers\.[23]\.mlp\.(gate|up|down)_proj\.weight", 6),
+    ("minigpt4", "FT-V"): (r"image_encoder\.llama_proj\.(weight|bias)", 2),
+    ("minigpt4", "LoRA"): (r"language_model\.model\.layers\.[23]\.mlp\.(gate|up|down)_proj\.weight", 6),
 }
 KNOWN_DEFECTS = {}  # (arch, host) -> reason; LLaVA-1.5 FT-V was one until the projector counted as pre-decoder
 

@@ -40,15 +40,20 @@ class LlavaImageEncoder(nn.Module):
         return _features(self._llava.get_image_features(pixel_values=pixel_values))
 
 
-class Blip2ImageEncoder(nn.Module):
-    """BLIP-2's vision model, Q-Former and projection (the adapter's language model is the OPT)."""
+class QFormerImageEncoder(nn.Module):
+    """A ViT, a Q-Former over its patch features, and a linear projection of the query outputs
+    into the language model (BLIP-2's and MiniGPT-4's image side). Subclasses name the projection
+    the way their model family does, so YAML module names match what users know."""
 
-    def __init__(self, blip2_model: nn.Module):
+    projection_name = "projection"
+
+    def __init__(self, vision_model: nn.Module, qformer: nn.Module, query_tokens: nn.Parameter,
+                 projection: nn.Module):
         super().__init__()
-        self.vision_model = blip2_model.vision_model
-        self.qformer = blip2_model.qformer
-        self.query_tokens = blip2_model.query_tokens
-        self.language_projection = blip2_model.language_projection
+        self.vision_model = vision_model
+        self.qformer = qformer
+        self.query_tokens = query_tokens
+        setattr(self, self.projection_name, projection)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         image_embeds = self.vision_model(pixel_values=pixel_values, return_dict=True).last_hidden_state
@@ -56,4 +61,20 @@ class Blip2ImageEncoder(nn.Module):
         query = self.qformer(query_embeds=self.query_tokens.expand(image_embeds.shape[0], -1, -1),
                              encoder_hidden_states=image_embeds, encoder_attention_mask=mask,
                              return_dict=True).last_hidden_state
-        return self.language_projection(query.to(image_embeds.dtype))
+        return getattr(self, self.projection_name)(query.to(image_embeds.dtype))
+
+
+class Blip2ImageEncoder(QFormerImageEncoder):
+    """BLIP-2's vision model, Q-Former and projection (the adapter's language model is the OPT)."""
+
+    projection_name = "language_projection"
+
+    def __init__(self, blip2_model: nn.Module):
+        super().__init__(blip2_model.vision_model, blip2_model.qformer, blip2_model.query_tokens,
+                         blip2_model.language_projection)
+
+
+class MiniGPT4ImageEncoder(QFormerImageEncoder):
+    """MiniGPT-4's EVA ViT + Q-Former (BLIP-2's) and its ``llama_proj`` into Vicuna."""
+
+    projection_name = "llama_proj"

@@ -5,7 +5,8 @@ EasyEdit's own ``MultimodalEditor``/trainer call ``Blip2OPT(opt_model=<directory
 ``compat`` routes that call here when the directory is one of:
 
 * a plugin checkpoint (``odedit_model.json``): a convolutional image tower + Llama decoder, saved
-  as configs plus one safetensors file whose SHA-256 the loader checks;
+  as configs plus one safetensors file whose SHA-256 the loader checks, or a MiniGPT-4 manifest
+  naming EasyEdit's MiniGPT-4 downloads (``minigpt4.py``; reached through ``MiniGPT4(llama_model=...)``);
 * a transformers ``LlavaForConditionalGeneration`` or ``Blip2ForConditionalGeneration`` directory
   (``config.json`` with ``model_type`` ``llava`` / ``blip-2``).
 
@@ -83,14 +84,18 @@ def save_adapter(adapter: MultimodalLMAdapter, path: str, **provenance) -> str:
 def load_adapter(path: str) -> MultimodalLMAdapter:
     if not os.path.isdir(path):
         raise ODEditFileNotFoundError("name", path, "point `name` at a saved model directory")
-    if os.path.isfile(os.path.join(path, MANIFEST)):
-        return _load_conv_llama(path)
-    return _load_hf(path, _hf_model_type(path))
-
-
-def _load_conv_llama(path: str) -> MultimodalLMAdapter:
+    if not os.path.isfile(os.path.join(path, MANIFEST)):
+        return _load_hf(path, _hf_model_type(path))
     with open(os.path.join(path, MANIFEST)) as f:
         manifest = json.load(f)
+    if manifest.get("architecture") == "minigpt4":
+        from .minigpt4 import load_minigpt4
+
+        return load_minigpt4(path, manifest)
+    return _load_conv_llama(path, manifest)
+
+
+def _load_conv_llama(path: str, manifest: dict) -> MultimodalLMAdapter:
     weights = os.path.join(path, manifest.get("weights", WEIGHTS))
     if not os.path.isfile(weights):
         raise ODEditFileNotFoundError("name", weights, "the checkpoint is incomplete; re-save or re-download it")

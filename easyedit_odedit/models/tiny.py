@@ -72,7 +72,7 @@ def save_tiny_hf(path: str, model_type: str, seed: int = 0) -> str:
 # Tiny models of the real architectures the shipped YAMLs name (same transformers config classes,
 # same module and parameter names, 3 decoder layers so the YAMLs' negative layer indices resolve)
 # ------------------------------------------------------------------------------------------------
-TINY_ARCHITECTURES = ("blip2-opt", "llava-1.5", "qwen2-vl", "llava-onevision")
+TINY_ARCHITECTURES = ("blip2-opt", "llava-1.5", "qwen2-vl", "llava-onevision", "minigpt4")
 
 # Chat templates in the shape of the real models' (Qwen2 im_start/im_end turns); written here,
 # because a tiny word-level vocabulary cannot hold the real templates' system prompts.
@@ -102,9 +102,12 @@ def save_tiny_arch(path: str, arch: str, seed: int = 0, layers: int = 3) -> str:
       ``LlavaOnevisionForConditionalGeneration`` with a processor and chat template, for GitHub main's
       HF path; main recognises them by folder name, so ``path`` must contain ``qwen2-vl`` /
       ``llava-onevision``.
+    * ``minigpt4``: a plugin MiniGPT-4 folder over EasyEdit's MiniGPT-4 file formats (``save_tiny_minigpt4``).
     """
     if arch not in TINY_ARCHITECTURES:
         raise ValueError(f"arch must be one of {TINY_ARCHITECTURES}, got {arch!r}")
+    if arch == "minigpt4":
+        return save_tiny_minigpt4(path, seed, layers)
     if arch in ("qwen2-vl", "llava-onevision") and arch not in os.path.basename(os.path.normpath(path)).lower():
         raise ValueError(f"GitHub main recognises {arch} models by folder name: put {arch!r} in {path!r}")
     torch.manual_seed(seed)
@@ -174,3 +177,32 @@ def save_tiny_arch(path: str, arch: str, seed: int = 0, layers: int = 3) -> str:
     model.save_pretrained(path)
     (processor or tokenizer).save_pretrained(path)
     return path
+
+
+def save_tiny_minigpt4(path: str, seed: int = 0, layers: int = 4) -> str:
+    """A plugin MiniGPT-4 folder over tiny random files in EasyEdit's MiniGPT-4 formats (EVA ViT
+    state, Q-Former and ``llama_proj`` checkpoints, a Llama folder). The ViT's files hold 28-pixel
+    position tables and the model runs at 42 pixels, so loading interpolates them as EasyEdit does."""
+    from . import minigpt4
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_tokenizer()
+    text = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                    num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
+                                    pad_token_id=0, bos_token_id=None, eos_token_id=2, initializer_range=0.2)
+    settings = dict(minigpt4.DEFAULTS, image_size=28, num_query_tokens=4,
+                    vision_config=dict(minigpt4.EVA_CLIP_G, hidden_size=32, intermediate_size=64,
+                                       num_hidden_layers=2, num_attention_heads=2),
+                    qformer_config=dict(minigpt4.BLIP2_QFORMER, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=2, num_attention_heads=2))
+    adapter = minigpt4.build_minigpt4(tokenizer, transformers.LlamaForCausalLM(text), settings)
+    with torch.no_grad():  # the initialisers zero biases and set norms to 1: a swapped bias would not show
+        for parameter in adapter.image_encoder.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    llama = os.path.join(path, "llama")
+    adapter.language_model.save_pretrained(llama)
+    for folder in (llama, path):  # the manifest folder too, so `tokenizer_name` may name either
+        tokenizer.save_pretrained(folder)
+    files = minigpt4.export_checkpoints(adapter, path)
+    relative = {k: os.path.relpath(v, path) for k, v in {**files, "llama": llama}.items()}
+    return minigpt4.write_manifest(path, **relative, **dict(settings, image_size=42))
