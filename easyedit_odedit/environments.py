@@ -5,9 +5,10 @@
         perturbations, a pluggable paraphrase source), other views of the same image (crop, shift,
         flip, noise, blur), and both at once. Target: the edit's target.
 * OUT - factual shifts that must not change: text-only and image prompts from a locality pool
-        (a train split or a user file). Near misses - the edit's question on the pool images most
-        similar to the edit image that are *not* views of the same content, and other questions on
-        the edit image - teach the model where the edit stops. Target: the unedited model.
+        (a train split or a user file). Near misses - the edit's question (and their own) on the
+        pool images most similar to the edit image that do *not* show the same content, judged by
+        the unedited model's answers - teach the model where the edit stops. Target: the unedited
+        model.
 
 Only ``prompt``, ``target`` and ``image`` of a request are ever read (``edit_view``): the other
 fields (``rephrase_prompt``, ``image_rephrase``, ``locality_*``, ``multimodal_locality_*``) are how
@@ -154,6 +155,8 @@ def load_locality_pool(path: str, image_root: str) -> tuple:
         records = json.load(f)
     if not isinstance(records, list):
         raise ODEditError("environments.locality_pool", path, "the file must hold a JSON list")
+    # E-IC (captions) prompts are the bare ``src``, as in EasyEdit's CaptionDataset; E-VQA's are questions
+    edit_template = VQA_TEMPLATE if _holds_questions(records) else "{}"
     entries = []
     for rec in records:
         if "prompt" in rec:
@@ -167,9 +170,15 @@ def load_locality_pool(path: str, image_root: str) -> tuple:
             entries.append(PoolEntry(VQA_TEMPLATE.format(rec["m_loc_q"]), rec.get("m_loc_a", ""),
                                      os.path.join(image_root, rec["m_loc"])))
         if rec.get("image") and rec.get("src") and rec.get("pred"):
-            entries.append(PoolEntry(VQA_TEMPLATE.format(rec["src"]), rec["pred"],
+            entries.append(PoolEntry(edit_template.format(rec["src"]), rec["pred"],
                                      os.path.join(image_root, rec["image"])))
     return tuple(entries)
+
+
+def _holds_questions(records: list) -> bool:
+    """E-VQA's ``src`` fields are questions; E-IC's are caption prompts ("a photo of"), never."""
+    sources = [r["src"] for r in records[:200] if isinstance(r, dict) and isinstance(r.get("src"), str)]
+    return not sources or sum("?" in src for src in sources) * 2 >= len(sources)
 
 
 # --------------------------------------------------------------------------------------------
@@ -178,8 +187,12 @@ def load_locality_pool(path: str, image_root: str) -> tuple:
 class EnvironmentBuilder:
     """Builds the per-edit pool of environment rows (sampled in steps by ``EnvironmentSampler``)."""
 
-    def __init__(self, settings, image_processor: Optional[Callable], coco_root: str, seed: int):
-        self.settings = settings
+    def __init__(self, settings, image_processor: Optional[Callable], coco_root: str, seed: int,
+                 view_size: Optional[int] = None):
+        """``view_size``: the model's own image resolution, which every image is resized to anyway.
+        Views and pool images are kept at that size: augmenting a 364-pixel processor output costs
+        ~30x more for the same result, and a cached pool image takes 1/30 of the memory."""
+        self.settings, self.view_size = settings, view_size
         self.rng = random.Random(seed)
         self.gen = torch.Generator().manual_seed(seed)
         self.text = TextAugmenter(settings, self.rng)
@@ -190,16 +203,13 @@ class EnvironmentBuilder:
             root = settings.locality_image_root if settings.locality_image_root is not None else coco_root
             self.pool = load_locality_pool(settings.locality_pool, root or "")
 
-    def in_and_se(self, view: dict, view_size: Optional[int] = None) -> List[Row]:
-        """IN and SE rows. Image views are made at ``view_size`` (the model's own resolution, which
-        every image is resized to anyway): augmenting a 364-pixel processor output costs ~30x more
-        for the same result."""
+    def in_and_se(self, view: dict) -> List[Row]:
+        """IN and SE rows (image views at ``view_size``)."""
         s, k = self.settings, self.settings.pool_factor
         prompt, target, image = view["prompt"], view["target"], view.get("image")
         rows = [Row("IN", prompt, target, image)]
-        if image is not None and view_size and image.shape[-1] > view_size:
-            image = torch.nn.functional.interpolate(image[None].float(), size=(view_size, view_size), mode="bilinear",
-                                                    antialias=True, align_corners=False)[0].to(image.dtype)
+        if image is not None:
+            image = _shrink(image, self.view_size)
         texts = self.text.variants(prompt, k * (s.se_text + s.se_joint))
         rows += [Row("SE_text", t, target, image) for t in texts[: k * s.se_text]]
         if image is not None:
@@ -222,20 +232,21 @@ class EnvironmentBuilder:
         return self.rng.sample(list(items), min(n, len(items)))
 
     def _load_image(self, path: str) -> torch.Tensor:
-        key = (path, type(self.image_processor).__name__)
+        key = (path, type(self.image_processor).__name__, self.view_size)
         if key in _PROCESSED_POOL_IMAGES:  # the pool is fixed: process each image once, keep the recent ones
             _PROCESSED_POOL_IMAGES.move_to_end(key)
         else:
-            _PROCESSED_POOL_IMAGES[key] = _load_processed_image(path, self.image_processor)
+            _PROCESSED_POOL_IMAGES[key] = _shrink(_load_processed_image(path, self.image_processor), self.view_size)
             while len(_PROCESSED_POOL_IMAGES) > POOL_IMAGE_CACHE_SIZE:
                 _PROCESSED_POOL_IMAGES.popitem(last=False)
         return _PROCESSED_POOL_IMAGES[key]
 
     def near_and_far(self, view: dict, se_rows: List[Row], candidates: List[Row],
-                     features: Callable[[List[torch.Tensor]], torch.Tensor]) -> List[Row]:
+                     features: Callable[[List[torch.Tensor]], torch.Tensor],
+                     answers: Optional[Callable[[List[Row]], List[str]]] = None) -> List[Row]:
         """Near misses: the pool images closest to the edit image that lie outside the radius its
-        own SE views span (inside it they are the same content and the edit should carry over).
-        They are asked the edit's own question and their own; the rest of the quota is far rows."""
+        own SE views span and that do not show the same content (``same_content``). They are asked
+        the edit's own question and their own; the rest of the quota is far rows."""
         s, k = self.settings, self.settings.pool_factor
         quota = k * s.out_image
         if not candidates or quota == 0 or view.get("image") is None:
@@ -246,6 +257,9 @@ class EnvironmentBuilder:
         radius = (view_feats - anchor).norm(dim=-1).max().item() if len(views) else 0.0
         dist = (cand_feats - anchor).norm(dim=-1)
         order = [i for i in dist.argsort().tolist() if dist[i].item() > radius]
+        if answers is not None:  # the nearest are where the same content hides
+            same = self.same_content(view, [candidates[i] for i in order[:quota]], answers)
+            order = [i for i, is_same in zip(order, same + [False] * len(order)) if not is_same]
         n_near = int(round(quota * s.near_miss_share))
         near_idx = order[: max(n_near // 2, 1 if n_near else 0)]
         rows = []
@@ -258,9 +272,33 @@ class EnvironmentBuilder:
                  for i in far_idx[: quota - len(rows)]]
         return rows
 
+    @staticmethod
+    def same_content(view: dict, candidates: List[Row], answers: Callable[[List[Row]], List[str]]) -> List[bool]:
+        """Whether each candidate image shows, to the unedited model, what the edit image shows:
+        it answers the edit's question and the candidate's own question the same way on both.
+        Such an image is not a near miss - the edit must carry over to it - and training it to keep
+        its old answer would fight the edit (an image of the same object in another position lies
+        outside the augmentation radius as often as not). Only asked questions count, so a near miss
+        that differs in something neither question asks about is missed (conservative)."""
+        probes = [Row("probe", view["prompt"], None, view["image"])]
+        for c in candidates:
+            probes += [Row("probe", view["prompt"], None, c.image), Row("probe", c.prompt, None, view["image"]),
+                       Row("probe", c.prompt, None, c.image)]
+        said = answers(probes)
+        edit_answer, per_candidate = said[0], [said[1 + 3 * j: 4 + 3 * j] for j in range(len(candidates))]
+        return [on_c == edit_answer and own_on_edit == own_on_c for on_c, own_on_edit, own_on_c in per_candidate]
 
-POOL_IMAGE_CACHE_SIZE = 512  # ~0.8 GB of 364-pixel processor outputs at most
+
+POOL_IMAGE_CACHE_SIZE = 512  # at most ~25 MB at 64 pixels, ~0.8 GB at 364 (a model without a fixed size)
 _PROCESSED_POOL_IMAGES: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+
+
+def _shrink(image: torch.Tensor, size: Optional[int]) -> torch.Tensor:
+    """``image`` resized down to size x size (the adapter's own resize, done once instead of every pass)."""
+    if not size or image.shape[-1] <= size:
+        return image
+    return torch.nn.functional.interpolate(image[None].float(), size=(size, size), mode="bilinear",
+                                           antialias=True, align_corners=False)[0].to(image.dtype)
 
 
 def _load_processed_image(path: str, processor: Optional[Callable]) -> torch.Tensor:

@@ -29,6 +29,9 @@ def tv_penalty(env_risks: Sequence[torch.Tensor], scale: torch.Tensor) -> torch.
 
     With a scalar ``scale`` each environment's gradient is its own autograd call; with one scale per
     environment (risk e depends on scale[e] only) a single call on the summed risk yields them all."""
+    if torch.is_tensor(env_risks) and scale.dim() == 1:  # [n_envs], entry e depending on scale[e] only
+        grads = torch.autograd.grad(env_risks.sum(), scale, create_graph=True)[0]
+        return grads.abs().mean() ** 2
     env_risks = [r for r in env_risks if r.requires_grad]
     if not env_risks:
         return scale.sum() * 0.0
@@ -71,15 +74,28 @@ class LagrangeMultiplier(nn.Module):
         lam = F.softplus(self.net(features)).squeeze()
         # above the bound: the value is lambda_max but the dual gradient still flows (a clamp would
         # stop it, and lambda could never come down again)
-        return lam * (self.max_value / lam).detach() if lam.item() > self.max_value else lam
+        return lam * (self.max_value / lam).clamp(max=1.0).detach()
 
     def ascend(self, lam: torch.Tensor, constraint: float, lr: float) -> None:
         """Dual step (Eq. 13): gradient *ascent* of lambda * (TV - tolerance) in the MLP's
         parameters, then projection onto lambda <= lambda_max. With a tolerance > 0, lambda shrinks
         again once the penalty is below it."""
         params = list(self.net.parameters())
-        grads = [g if g is not None else torch.zeros_like(p)
-                 for p, g in zip(params, torch.autograd.grad(lam * constraint, params, allow_unused=True))]
+        self._ascend_along(torch.autograd.grad(lam * constraint, params, allow_unused=True), lr)
+
+    def dual_loss(self, lam: torch.Tensor, constraint: float) -> torch.Tensor:
+        """-lambda * (TV - tolerance): added to the primal objective, so the one backward pass of a
+        step also leaves the dual gradient on the MLP (descending this = ascending Eq. 13); then
+        ``dual_step``. lambda enters the primal objective detached, so the two never mix."""
+        self.net.zero_grad(set_to_none=True)
+        return -lam * constraint
+
+    def dual_step(self, lr: float) -> None:
+        self._ascend_along([None if p.grad is None else -p.grad for p in self.net.parameters()], lr)
+
+    def _ascend_along(self, grads, lr: float) -> None:
+        params = list(self.net.parameters())
+        grads = [g if g is not None else torch.zeros_like(p) for p, g in zip(params, grads)]
         norm = torch.sqrt(sum((g.float() ** 2).sum() for g in grads))
         if not torch.isfinite(norm):
             return
@@ -87,9 +103,7 @@ class LagrangeMultiplier(nn.Module):
             for p, g in zip(params, grads):
                 p.add_(lr * g / norm.clamp(min=1.0))  # unit-clipped: a large penalty cannot blow the MLP up
             out = self.net(self._features).squeeze()
-            ceiling = _inverse_softplus(self.max_value)
-            if out.item() > ceiling:
-                self.net[-1].bias.sub_(out - ceiling)
+            self.net[-1].bias.sub_((out - _inverse_softplus(self.max_value)).clamp(min=0))
 
 
 def _inverse_softplus(y: float) -> float:

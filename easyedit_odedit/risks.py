@@ -25,15 +25,33 @@ def reliability_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                            labels[:, 1:].reshape(-1), ignore_index=IGNORE)
 
 
-def locality_kl(post_logits: torch.Tensor, pre_log_probs: torch.Tensor, direction: str = "post_pre") -> torch.Tensor:
-    """R_loc = KL(p_edited || p_unedited) per position, averaged (Eq. 3). ``pre_post`` gives
-    EasyEdit's KL(p_unedited || p_edited). Inputs are [N, V] rows of the positions compared."""
+def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[B, T-1]: -log p(label_{t+1} | logits_t) at every position (0 where the label is ignored)."""
+    return F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), labels[:, 1:], ignore_index=IGNORE,
+                           reduction="none")
+
+
+def kl_per_position(post_logits: torch.Tensor, pre_log_probs: torch.Tensor, direction: str = "post_pre") -> torch.Tensor:
+    """[N]: KL(p_edited || p_unedited) at each compared position; ``pre_post`` gives EasyEdit's
+    KL(p_unedited || p_edited). Inputs are [N, V] rows of the positions compared."""
     post_log_probs = F.log_softmax(post_logits.float(), dim=-1)
     if direction == "post_pre":
-        kl = (post_log_probs.exp() * (post_log_probs - pre_log_probs)).sum(-1)
-    else:
-        kl = (pre_log_probs.exp() * (pre_log_probs - post_log_probs)).sum(-1)
+        return (post_log_probs.exp() * (post_log_probs - pre_log_probs)).sum(-1)
+    return (pre_log_probs.exp() * (pre_log_probs - post_log_probs)).sum(-1)
+
+
+def locality_kl(post_logits: torch.Tensor, pre_log_probs: torch.Tensor, direction: str = "post_pre") -> torch.Tensor:
+    """R_loc = KL(p_edited || p_unedited) per position, averaged (Eq. 3)."""
+    kl = kl_per_position(post_logits, pre_log_probs, direction)
     return kl.mean() if kl.numel() else post_logits.sum() * 0.0
+
+
+def segment_mean(values: torch.Tensor, segment: torch.Tensor, n_segments: int) -> torch.Tensor:
+    """[n_segments]: the mean of ``values`` in each segment (0 for an empty one). Every
+    environment's risk in one pass, instead of a slice and a reduction per environment."""
+    sums = values.new_zeros(n_segments).index_add(0, segment, values)
+    counts = values.new_zeros(n_segments).index_add(0, segment, torch.ones_like(values))
+    return sums / counts.clamp(min=1)
 
 
 def gaussian_kernel(a: torch.Tensor, b: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:

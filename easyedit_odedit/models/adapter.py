@@ -18,6 +18,7 @@ the activations below the edited layers).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
@@ -66,6 +67,7 @@ class MultimodalLMAdapter(nn.Module):
         self.config = AdapterConfig(config or {})
         # EasyEdit's LAVIS models carry their tokenizer under these names; WISE and SERAC read them.
         self.opt_tokenizer = tokenizer
+        self._encoded: Optional[dict] = None  # see ``reusing_image_encodings``
 
     # -- device / dtype ---------------------------------------------------------------------
     @property
@@ -110,6 +112,36 @@ class MultimodalLMAdapter(nn.Module):
         """[B, 3, H, W] at any size -> [B, N, D] image-token embeddings."""
         return self.image_encoder(self._resize(images.to(device=self.device, dtype=self.dtype)))
 
+    @contextlib.contextmanager
+    def reusing_image_encodings(self):
+        """Within this block every image tensor is encoded once: an edit's set-up encodes the same
+        images for the near-miss search and again for the unedited pass, and no weight changes in
+        between. Only for such blocks: an edit that changes the image encoder (FT-V) needs fresh
+        encodings afterwards."""
+        self._encoded = {}
+        try:
+            yield
+        finally:
+            self._encoded = None
+
+    def _encode_list(self, images: List[torch.Tensor]) -> List[torch.Tensor]:
+        """[N, D] image-token embeddings of each image (any sizes), in one batched pass."""
+        memo = self._encoded if self._encoded is not None else {}
+        todo = [im for im in dict.fromkeys(images, None) if id(im) not in memo]  # distinct, in order
+        if todo:
+            encoded = self.encode_images(torch.stack([self._resize(_chw(im).to(self.device)) for im in todo]))
+            for im, enc in zip(todo, encoded):
+                memo[id(im)] = (im, enc)  # the tensor is kept with it, so its id cannot be reused
+        return [memo[id(im)][1] for im in images]
+
+    def image_features(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
+        """[N, D]: each image's mean image-token embedding, for images of any sizes. One batched
+        pass after resizing to the model's own size (one pass per image cost most of an edit's
+        set-up); models whose token count follows the image size (``image_size == 0``) go one by one."""
+        if not self.image_size:
+            return torch.cat([self.encode_images(_chw(image).unsqueeze(0)).float().mean(1) for image in images])
+        return torch.stack(self._encode_list(list(images))).float().mean(1)
+
     def _resize(self, images: torch.Tensor) -> torch.Tensor:
         if images.shape[-1] == self.image_size and images.shape[-2] == self.image_size:
             return images
@@ -142,11 +174,8 @@ class MultimodalLMAdapter(nn.Module):
         if isinstance(images, (list, tuple)):
             present = [i for i, im in enumerate(images) if im is not None]
             rows: List[Optional[torch.Tensor]] = [None] * n
-            if present:
-                encoded = self.encode_images(torch.stack([self._resize(_chw(images[i]).to(self.device))
-                                                          for i in present]))
-                for j, i in enumerate(present):
-                    rows[i] = encoded[j]
+            for i, encoded in zip(present, self._encode_list([images[i] for i in present])):
+                rows[i] = encoded
             return rows
         if images.dim() == 3:
             images = images.unsqueeze(0)
@@ -168,6 +197,12 @@ class MultimodalLMAdapter(nn.Module):
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         return EmbeddedBatch(embeds, mask, position_ids, label_t)
 
+    def text_decoder(self) -> nn.Module:
+        return self.language_model.get_decoder()
+
+    def lm_head(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
     def decode(self, batch: EmbeddedBatch, logit_scale=None, tail: Optional[int] = None):
         """Run the language model; returns (logits * logit_scale, last hidden states), for the last
         ``tail`` positions only when given (a LLaVA row has 576 image positions that no risk reads:
@@ -176,13 +211,13 @@ class MultimodalLMAdapter(nn.Module):
         The decoder and the LM head are called separately (rather than asking the causal LM for
         ``output_hidden_states``): transformers 5 collects hidden states with hooks that MEND's
         monkey-patched model copies do not carry."""
-        hidden = self.language_model.get_decoder()(inputs_embeds=batch.inputs_embeds,
+        hidden = self.text_decoder()(inputs_embeds=batch.inputs_embeds,
                                                    attention_mask=batch.attention_mask,
                                                    position_ids=batch.position_ids,
                                                    use_cache=False).last_hidden_state
         if tail is not None:
             hidden = hidden[:, -tail:]
-        logits = self.language_model.get_output_embeddings()(hidden)
+        logits = self.lm_head()(hidden)
         return (logits if logit_scale is None else logits * logit_scale), hidden
 
 

@@ -278,20 +278,20 @@ class HFNativeView(MultimodalLMAdapter):
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
         return EmbeddedBatch(embeds, mask, positions, labels)
 
+    def text_decoder(self) -> nn.Module:
+        return self.hf_model.get_submodule(self.decoder_path)
+
+    def lm_head(self) -> nn.Module:
+        return self.hf_model.get_output_embeddings()
+
     def decode(self, batch: EmbeddedBatch, logit_scale=None, tail=None):
         """The text decoder, then the LM head, on the whole batch (no pixels: the image features
         are in ``inputs_embeds``). Returns (logits * logit_scale, final-norm hidden states), for the
         last ``tail`` positions only when given; only the last hidden state is kept."""
-        positions = batch.position_ids
-        if positions.dim() == 3:  # batch-first [B, 3, L] -> the decoder's [3, B, L]
-            positions = positions.permute(1, 0, 2)
-        decoder = self.hf_model.get_submodule(self.decoder_path)
-        hidden = decoder(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
-                         position_ids=positions, use_cache=False).last_hidden_state
-        if tail is not None:
-            hidden = hidden[:, -tail:]
-        logits = self.hf_model.get_output_embeddings()(hidden)
-        return (logits if logit_scale is None else logits * logit_scale), hidden
+        if batch.position_ids.dim() == 3:  # batch-first [B, 3, L] -> the decoder's [3, B, L]
+            batch = EmbeddedBatch(batch.inputs_embeds, batch.attention_mask, batch.position_ids.permute(1, 0, 2),
+                                  batch.labels)
+        return super().decode(batch, logit_scale=logit_scale, tail=tail)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] -> [B, N, D]: the decoder inputs at the image-token positions of a row that

@@ -7,7 +7,7 @@ penalty; the optimiser is reset when the penalty switches on; a dict of floats c
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Union
 
 import torch
 
@@ -16,7 +16,10 @@ from .. import risks
 from ..environments import Row
 from ..errors import ODEditNumericalError
 from ..models.adapter import EmbeddedBatch, MultimodalLMAdapter
-from ..prefix_cache import PrefixCache, decoder_layers, lowest_edited_layer
+from ..prefix_cache import (LastModuleCache, PrefixCache, decoder_layers, edited_submodule, final_norm_of,
+                            lowest_edited_layer)
+
+Cache = Union[PrefixCache, LastModuleCache]
 
 SE_ENVS = ("SE_text", "SE_image", "SE_joint")
 OUT_ENVS = ("OUT_text", "OUT_near", "OUT_far")
@@ -30,7 +33,7 @@ class EditRows:
     also fills the prefix cache, when there is one."""
 
     def __init__(self, adapter: MultimodalLMAdapter, rows: List[Row], kl_positions: str,
-                 cache: Optional[PrefixCache] = None):
+                 cache: Optional[Cache] = None):
         self.adapter, self.rows = adapter, rows
         self.texts = [f"{r.prompt} {r.target}" for r in rows]
         self.prompts_len = [len(adapter.tokenizer(r.prompt)["input_ids"]) for r in rows]
@@ -42,11 +45,31 @@ class EditRows:
             read = self.compare_mask | risks.answer_positions(self.embedded.labels)
             width = read.shape[1]
             self.tail = width - int(read.any(0).float().argmax())
-            with cache.capturing() if cache is not None else contextlib.nullcontext():
-                logits, _ = adapter.decode(self.embedded, tail=self.tail)
-        tail_mask = self.compare_mask[:, -self.tail:]
-        self.pre_log_probs = {i: torch.log_softmax(logits[i][tail_mask[i]].float(), -1)
-                              for i, e in enumerate(self.envs) if e in OUT_ENVS}
+            self.cache = cache
+            logits = self._capture()
+        # the unedited log-probs at every compared position of an OUT row, flat, and where each lies
+        self.is_out = torch.tensor([e in OUT_ENVS for e in self.envs], device=logits.device)
+        self.compare_tail = self.compare_mask[:, -self.tail:] & self.is_out[:, None]
+        self.pre_log_probs = torch.log_softmax(logits[self.compare_tail].float(), -1)
+        self.pre_index = torch.full(self.compare_tail.shape, -1, dtype=torch.long, device=logits.device)
+        self.pre_index[self.compare_tail] = torch.arange(len(self.pre_log_probs), device=logits.device)
+
+    def _capture(self) -> torch.Tensor:
+        """The one full pass over the unedited model (the OUT references); it also fills the cache.
+        A ``LastModuleCache`` whose structural check fails gives way to its layer-level fallback."""
+        cache = self.cache
+        with cache.capturing(self.tail) if cache is not None else contextlib.nullcontext():
+            logits, _ = self.adapter.decode(self.embedded, tail=self.tail)
+        if isinstance(cache, LastModuleCache):
+            def run_full(rows):
+                return self.adapter.decode(_select(self.embedded, rows), tail=self.tail)[1]
+
+            if not cache.verify(run_full, self.tail):
+                self.cache = cache.fallback
+                if self.cache is not None:
+                    with self.cache.capturing(self.tail):
+                        self.adapter.decode(self.embedded, tail=self.tail)
+        return logits
 
     def embed(self, idx) -> EmbeddedBatch:
         idx = list(idx)
@@ -60,9 +83,11 @@ class EditRows:
         return risks.answer_positions(batch.labels)
 
 
-def make_prefix_cache(adapter: MultimodalLMAdapter, edited: List[str], hp) -> Optional[PrefixCache]:
-    """A cache of the activations below the lowest edited layer, when every edited parameter lies
-    in the decoder's layer stack (and caching is on)."""
+def make_prefix_cache(adapter: MultimodalLMAdapter, edited: List[str], hp) -> Optional[Cache]:
+    """A cache of what the edit cannot change, when every edited parameter lies in the decoder's
+    layer stack (and caching is on): the activations below the lowest edited layer, or - when the
+    edit is confined to one module of the last layer, like FT-L's and LoRA's top MLP - that
+    module's input and the residual around it at the positions the risks read."""
     if not hp.optimiser.cache_prefix or needs_reembedding(adapter, edited):
         return None
     try:
@@ -70,7 +95,12 @@ def make_prefix_cache(adapter: MultimodalLMAdapter, edited: List[str], hp) -> Op
     except LookupError:
         return None
     k = lowest_edited_layer(edited, path)
-    return PrefixCache(layers, k) if k else None
+    layer_cache = PrefixCache(layers, k) if k else None
+    child = edited_submodule(edited, path, len(layers))
+    norm = final_norm_of(adapter.text_decoder())
+    if child is not None and norm is not None:
+        return LastModuleCache(layers[-1].get_submodule(child), layers[-1], norm, fallback=layer_cache)
+    return layer_cache
 
 
 def needs_reembedding(adapter: MultimodalLMAdapter, edited) -> bool:
@@ -100,8 +130,7 @@ class ODEditObjective:
     """Primal-dual optimisation of G = R_rel + R_se + R_loc + R_gen + w * lambda * TV (Eq. 11-13)."""
 
     def __init__(self, adapter: MultimodalLMAdapter, edit_rows: EditRows, params: Dict[str, torch.nn.Parameter],
-                 hp, lr: float, optimizer: str = "Adam", use_odedit: bool = True, seed: int = 0,
-                 cache: Optional[PrefixCache] = None):
+                 hp, lr: float, optimizer: str = "Adam", use_odedit: bool = True, seed: int = 0):
         self.adapter, self.rows, self.params, self.hp = adapter, edit_rows, params, hp
         self.use_odedit, self.lr, self.optimizer_name = use_odedit, lr, optimizer
         self.originals = {k: p.detach().clone() for k, p in params.items()}
@@ -109,7 +138,7 @@ class ODEditObjective:
         self.multiplier = tv.LagrangeMultiplier(hp.penalty.lambda_hidden, hp.penalty.lambda_init,
                                                 hp.penalty.lambda_max, seed)
         self.reembed = needs_reembedding(adapter, params)
-        self.cache = cache
+        self.cache = edit_rows.cache
         self.step = 0
         self.best = None  # (objective, {name: tensor}) of the best iterate that makes the edit
 
@@ -123,24 +152,24 @@ class ODEditObjective:
         rows = torch.tensor(idx, device=self.rows.embedded.inputs_embeds.device)
         tail = self.rows.tail
         batch = self.rows.embed(idx) if self.reembed else _select(self.rows.embedded, rows)
-        with self.cache.bypass(rows) if self.cache is not None else contextlib.nullcontext():
+        if self.cache is not None:
+            logits, hidden = self.cache.decode(self.adapter, batch, rows, logit_scale=scale, tail=tail)
+        else:
             logits, hidden = self.adapter.decode(batch, logit_scale=scale, tail=tail)
         return _with_labels(batch, batch.labels[:, -tail:]), logits, hidden
 
-    def risks(self, idx: List[int], batch: EmbeddedBatch, logits, hidden) -> Dict[str, torch.Tensor]:
-        """Per-environment risk: NLL of the target on IN/SE rows, KL to the unedited model on OUT."""
-        envs = [self.rows.envs[i] for i in idx]
-        per_env: Dict[str, torch.Tensor] = {}
-        for env in dict.fromkeys(envs):
-            at = [j for j, e in enumerate(envs) if e == env]
-            if env in OUT_ENVS:
-                width = logits.shape[1]  # rows are left-padded: align masks from the right
-                post = torch.cat([logits[j][self.rows.compare_mask[idx[j]][-width:]] for j in at])
-                pre = torch.cat([self.rows.pre_log_probs[idx[j]] for j in at])
-                per_env[env] = risks.locality_kl(post, pre, self.hp.risks.kl_direction)
-            else:
-                per_env[env] = risks.reliability_nll(logits[at], batch.labels[at])
-        return per_env
+    def risks(self, rows: torch.Tensor, group: torch.Tensor, n_groups: int, batch: EmbeddedBatch,
+              logits: torch.Tensor) -> torch.Tensor:
+        """[n_groups]: each environment's risk - the NLL of the target on IN/SE rows, the KL to the
+        unedited model on OUT rows - from every position at once (``group``: each row's environment)."""
+        out = self.rows.is_out[rows]
+        nll_at = risks.answer_positions(batch.labels)[:, :-1] & ~out[:, None]
+        kl_at = self.rows.compare_tail[rows]
+        nll = risks.token_nll(logits, batch.labels)[nll_at]
+        kl = risks.kl_per_position(logits[kl_at], self.rows.pre_log_probs[self.rows.pre_index[rows][kl_at]],
+                                   self.hp.risks.kl_direction)
+        position_group = torch.cat([group[:, None].expand_as(nll_at)[nll_at], group[:, None].expand_as(kl_at)[kl_at]])
+        return risks.segment_mean(torch.cat([nll, kl]), position_group, n_groups)
 
     def mmd_features(self, batch: EmbeddedBatch, hidden: torch.Tensor) -> torch.Tensor:
         answer = risks.answer_positions(batch.labels)
@@ -154,18 +183,19 @@ class ODEditObjective:
         hp = self.hp
         envs = [self.rows.envs[i] for i in idx]
         groups = list(dict.fromkeys(envs))  # one omega_e per environment present in this step
-        scale = tv.omega(len(groups), self.rows.embedded.inputs_embeds.device)
-        row_scale = scale[torch.tensor([groups.index(e) for e in envs], device=scale.device)]
-        batch, logits, hidden = self.forward(idx, row_scale.view(-1, 1, 1))
-        per_env = self.risks(idx, batch, logits, hidden)
-        logs: Dict[str, float] = {}
-        r_rel = per_env["IN"]
-        weight = 0.0
+        device = self.rows.embedded.inputs_embeds.device
+        scale = tv.omega(len(groups), device)
+        group = torch.tensor([groups.index(e) for e in envs], device=device)
+        batch, logits, hidden = self.forward(idx, scale[group].view(-1, 1, 1))
+        env_risk = self.risks(torch.tensor(idx, device=device), group, len(groups), batch, logits)
+        r_rel = env_risk[groups.index("IN")]
+        terms = {"rel_nll": r_rel}
+        dual = weight = 0.0
         if not self.use_odedit:
             objective = r_rel
         else:
-            r_se = _mean([per_env[e] for e in SE_ENVS if e in per_env], r_rel)
-            r_loc = _mean([per_env[e] for e in OUT_ENVS if e in per_env], r_rel)
+            r_se = _mean(env_risk, [i for i, g in enumerate(groups) if g in SE_ENVS])
+            r_loc = _mean(env_risk, [i for i, g in enumerate(groups) if g in OUT_ENVS])
             feats = self.mmd_features(batch, hidden)
             z_e = feats[[j for j, e in enumerate(envs) if e == "IN"]]
             z_r = feats[[j for j, e in enumerate(envs) if e in SE_ENVS]]
@@ -175,21 +205,22 @@ class ODEditObjective:
             weight = hp.penalty.weight if self.step >= hp.penalty.warmup_steps else 0.0
             if self.step == hp.penalty.warmup_steps and weight > 0:
                 self.optimizer = self._new_optimizer()  # the loss scale jumps: stale Adam moments mislead
-            penalty = tv.tv_penalty([per_env[g] for g in groups], scale) if weight > 0 else scale.sum() * 0.0
+            penalty = tv.tv_penalty(env_risk, scale) if weight > 0 else scale.sum() * 0.0
             lam = self.multiplier(self._lambda_features(hidden, envs))
             objective = r_edit + weight * lam.detach() * penalty
             if hp.penalty.normalise:
                 # the penalty's weight jumps from 0 to w * lambda: keep the gradient scale of the edit
                 objective = objective / (1.0 + weight * lam.detach())
-            logs.update(se_nll=r_se.item(), loc_kl=r_loc.item(), gen_mmd=r_gen.item(),
-                        tv=penalty.item(), lam=lam.item())
+            if weight > 0:  # the dual step rides on the same backward pass (see LagrangeMultiplier.dual_loss)
+                dual = self.multiplier.dual_loss(lam, weight * (penalty.item() - hp.penalty.tv_tolerance))
+            terms.update(se_nll=r_se, loc_kl=r_loc, gen_mmd=r_gen, tv=penalty, lam=lam)
+        terms["objective"] = objective
         self._remember_if_best(objective, logits, batch, envs)
-        self._descend(objective)
-        if self.use_odedit and weight > 0:
-            self.multiplier.ascend(lam, weight * (penalty.item() - hp.penalty.tv_tolerance), hp.penalty.dual_lr)
+        self._descend(objective, dual)
+        if weight > 0:
+            self.multiplier.dual_step(hp.penalty.dual_lr)
         self.step += 1
-        logs.update(rel_nll=r_rel.item(), objective=objective.item())
-        return logs
+        return dict(zip(terms, torch.stack([t.detach().float() for t in terms.values()]).tolist()))
 
     @torch.no_grad()
     def _remember_if_best(self, objective, logits, batch: EmbeddedBatch, envs) -> None:
@@ -219,19 +250,19 @@ class ODEditObjective:
             return hidden[envs.index("IN")].mean(0)
         return hidden.new_ones(1)
 
-    def _descend(self, objective: torch.Tensor) -> None:
+    def _descend(self, objective: torch.Tensor, dual=0.0) -> None:
         if not torch.isfinite(objective):
             raise ODEditNumericalError(f"ODEdit objective is {objective.item()} at step {self.step}; "
                                        "lower the learning rate or penalty.weight")
         self.optimizer.zero_grad(set_to_none=True)
-        objective.backward()
-        grads = [p.grad for p in self.params.values() if p.grad is not None]
-        if any(not torch.isfinite(g).all() for g in grads):
+        (objective + dual).backward()
+        # the total norm says whether any gradient is non-finite (and clips, when asked)
+        clip = self.hp.optimiser.grad_clip
+        norm = torch.nn.utils.clip_grad_norm_(list(self.params.values()), clip if clip > 0 else float("inf"))
+        if not torch.isfinite(norm):
             raise ODEditNumericalError(f"non-finite gradient at step {self.step}; lower the learning rate")
-        if self.hp.optimiser.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.hp.optimiser.grad_clip)
         self.optimizer.step()
 
 
-def _mean(values: List[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-    return torch.stack(values).mean() if values else like.new_zeros(())
+def _mean(values: torch.Tensor, at: List[int]) -> torch.Tensor:
+    return values[at].mean() if at else values.new_zeros(())

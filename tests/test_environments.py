@@ -1,0 +1,73 @@
+"""Near misses: the nearest pool images that do not show the edit's content (to the unedited model)."""
+import torch
+
+from easyedit_odedit.environments import EnvironmentBuilder, Row
+from easyedit_odedit.odedit.odedit_hparams import EnvironmentSettings
+
+EDIT_Q, OWN_Q = "what color is the shape ?", "what shape is in the image ?"
+
+
+def _image(value):
+    return torch.full((3, 8, 8), float(value))
+
+
+def test_same_content_images_are_neither_near_misses_nor_far_rows():
+    """Pool images 0..5 at increasing feature distance; 0 and 2 show the edit's content (the
+    model answers both questions on them as on the edit image), 1 and 3 differ in colour or shape."""
+    edit_image = _image(0)
+    content = {0: ("red", "circle"), 1: ("blue", "circle"), 2: ("red", "circle"), 3: ("red", "square"),
+               4: ("green", "square"), 5: ("gray", "circle")}
+    candidates = [Row("OUT_image", OWN_Q, content[i][1], _image(i + 1)) for i in range(6)]
+
+    def features(images):
+        return torch.stack([im.mean().view(1) for im in images])  # distance = value difference
+
+    def answers(probes):
+        def seen(image):
+            value = int(image.mean().item())
+            return ("red", "circle") if value == 0 else content[value - 1]
+        return [seen(p.image)[0] if p.prompt == EDIT_Q else seen(p.image)[1] for p in probes]
+
+    settings = EnvironmentSettings(out_image=2, pool_factor=2, near_miss_share=0.5)  # quota 4: 1 near image
+    builder = EnvironmentBuilder(settings, None, "", seed=0)
+    view = {"prompt": EDIT_Q, "target": "green", "image": edit_image}
+
+    rows = builder.near_and_far(view, [], candidates, features, answers)
+    used = {int(r.image.mean().item()) - 1 for r in rows}
+    near = {int(r.image.mean().item()) - 1 for r in rows if r.env == "OUT_near"}
+    assert near == {1}  # the nearest image that differs; 0 (nearer) shows the same content
+    assert used.isdisjoint({0, 2})  # same content never trained to keep its old answer
+
+    without = builder.near_and_far(view, [], candidates, features)  # no model to ask: distance only
+    assert {int(r.image.mean().item()) - 1 for r in without if r.env == "OUT_near"} == {0}
+
+
+def test_same_content_asks_both_questions_on_both_images():
+    seen_probes = []
+
+    def answers(probes):
+        seen_probes.extend((p.prompt, int(p.image.mean().item())) for p in probes)
+        return ["x"] * len(probes)
+
+    view = {"prompt": EDIT_Q, "image": _image(0)}
+    same = EnvironmentBuilder.same_content(view, [Row("OUT_image", OWN_Q, "a", _image(7))], answers)
+    assert same == [True]  # every answer agrees
+    assert sorted(seen_probes) == sorted([(EDIT_Q, 0), (EDIT_Q, 7), (OWN_Q, 0), (OWN_Q, 7)])
+
+
+def test_pool_prompts_follow_the_file_kind(tmp_path):
+    """E-VQA ``src`` fields are questions (templated, as VQADataset does); E-IC's are caption
+    prompts (bare, as CaptionDataset does); ``m_loc_q`` is a question in both."""
+    import json
+
+    from easyedit_odedit.environments import VQA_TEMPLATE, load_locality_pool
+
+    def pool(name, src):
+        path = tmp_path / name
+        path.write_text(json.dumps([{"image": "a.png", "src": src, "pred": "x", "m_loc": "b.png",
+                                     "m_loc_q": "what is it?", "m_loc_a": "y"}]))
+        return {e.prompt for e in load_locality_pool(str(path), str(tmp_path))}
+
+    assert pool("vqa.json", "what color is it?") == {VQA_TEMPLATE.format("what color is it?"),
+                                                     VQA_TEMPLATE.format("what is it?")}
+    assert pool("caption.json", "a photo of") == {"a photo of", VQA_TEMPLATE.format("what is it?")}

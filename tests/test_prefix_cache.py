@@ -1,0 +1,84 @@
+"""The caches of what an edit cannot change give the same logits as the full model, after the
+edited parameters move; the structural check of ``LastModuleCache`` can fail, and then ODEdit
+falls back to the layer-level cache."""
+import pytest
+import torch
+
+from easyedit_odedit import ODEditHyperParams
+from easyedit_odedit.environments import Row
+from easyedit_odedit.models.loading import load_adapter
+from easyedit_odedit.odedit.objective import EditRows, _select, make_prefix_cache
+from easyedit_odedit.prefix_cache import LastModuleCache, PrefixCache
+from easyedit_odedit.registry import build_host
+from tests.conftest import PROMPT, write_yaml
+
+CASES = {  # host, host_hparams, the cache it gets
+    "FT-L top MLP": ("FT-L", {"layers": [-1], "modules": ["mlp"]}, LastModuleCache),
+    "FT-L top attention": ("FT-L", {"layers": [-1], "modules": ["self_attn"]}, PrefixCache),
+    "FT-L top layer, both": ("FT-L", {"layers": [-1], "modules": ["mlp", "self_attn"]}, PrefixCache),
+    "FT-L from layer 0": ("FT-L", {"layers": [0, -1], "modules": ["mlp"]}, type(None)),  # nothing below
+    "LoRA top MLP": ("LoRA", {"layers": [-1], "rank": 2}, LastModuleCache),
+}
+
+
+def _rows(world):
+    image = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))
+    other = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(1))
+    return [Row("IN", PROMPT, "green", image), Row("SE_text", "what color is the shape ?", "green", image),
+            Row("OUT_text", "what is two plus two ?", "four"), Row("OUT_near", PROMPT, "red", other)]
+
+
+def _setup(world, host, host_hparams):
+    hp = ODEditHyperParams.from_hparams(write_yaml(world, host, {**host_hparams, "num_steps": 1, "lr": 0.1}))
+    adapter = load_adapter(str(world / "model"))
+    host_obj = build_host(hp)
+    touched = host_obj.touched(adapter)
+    rows = EditRows(adapter, _rows(world), "answer", make_prefix_cache(adapter, touched, hp))
+    return adapter, host_obj, rows
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_cached_decode_matches_the_full_model_after_the_edit_moves(world, case):
+    host, host_hparams, expected = CASES[case]
+    adapter, host_obj, rows = _setup(world, host, host_hparams)
+    assert type(rows.cache) is expected
+    params = host_obj.prepare(adapter)  # LoRA injects its adapters only now, after the capture
+    gen = torch.Generator().manual_seed(2)
+    idx = torch.tensor([3, 0, 2])
+    batch = _select(rows.embedded, idx)
+    with torch.no_grad():
+        before = adapter.decode(batch, tail=rows.tail)[0]
+        for p in params.values():
+            p.add_(0.5 * p.abs().mean().clamp(min=0.05) * torch.randn(p.shape, generator=gen))
+        cache = rows.cache
+        cached_logits, cached_hidden = (cache.decode(adapter, batch, idx, tail=rows.tail) if cache is not None
+                                        else adapter.decode(batch, tail=rows.tail))
+        full_logits, full_hidden = adapter.decode(batch, tail=rows.tail)
+    host_obj.finalize(adapter)
+    assert not torch.allclose(full_logits, before, atol=1e-3)  # the edit moved them: a stale cache would fail
+    assert torch.allclose(cached_logits, full_logits, atol=1e-5, rtol=1e-4)
+    assert torch.allclose(cached_hidden, full_hidden, atol=1e-5, rtol=1e-4)
+
+
+def test_a_wrong_structure_is_detected_and_the_layer_cache_is_used(world, monkeypatch):
+    """A post-norm-like layer (its output is *not* residual + MLP output) must fail the check."""
+    from easyedit_odedit.prefix_cache import decoder_layers
+
+    adapter = load_adapter(str(world / "model"))
+    _, layers = decoder_layers(adapter.language_model)
+    last = layers[-1]
+    plain = type(last).forward
+
+    def post_norm(self, *args, **kwargs):
+        out = plain(self, *args, **kwargs)
+        hidden = out[0] if isinstance(out, tuple) else out
+        hidden = torch.nn.functional.layer_norm(hidden, hidden.shape[-1:])
+        return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
+
+    monkeypatch.setattr(last, "forward", post_norm.__get__(last))
+    hp = ODEditHyperParams.from_hparams(write_yaml(world, "FT-L", {"layers": [-1], "num_steps": 1, "lr": 0.1}))
+    touched = build_host(hp).touched(adapter)
+    cache = make_prefix_cache(adapter, touched, hp)
+    assert isinstance(cache, LastModuleCache)
+    rows = EditRows(adapter, _rows(world), "answer", cache)
+    assert type(rows.cache) is PrefixCache
