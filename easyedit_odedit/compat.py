@@ -126,6 +126,11 @@ def alg_train_dict() -> dict:
     return module("util.alg_train_dict").ALG_TRAIN_DICT
 
 
+def has_multimodal_alg(name: str) -> bool:
+    """GitHub main registers LoRA, WISE and GRACE for multimodal editing; the PyPI release does not."""
+    return name in alg_multimodal_dict()
+
+
 def multimodal_dataset_classes() -> dict:
     """``{"vqa": VQADataset, "caption": CaptionDataset}`` in both versions."""
     alg_dict = module("util.alg_dict")

@@ -11,6 +11,7 @@ from typing import Any, Callable, Dict, Optional
 
 from .errors import ODEditError
 from .hosts.builtin import FineTuneHost, FTHyperParams, LoRAHost, LoRAHyperParams
+from .hosts.easyedit_adapters import ADAPTER_HOSTS, build_adapter_host
 from .hosts.easyedit_native import EASYEDIT_HOSTS, EasyEditRefineHost, build_easyedit_hparams
 
 
@@ -31,8 +32,13 @@ HOSTS: Dict[str, HostSpec] = {
     "LoRA": HostSpec("LoRA", LoRAHyperParams, LoRAHost, "optimise", "LoRA adapters through peft, merged after the edit"),
     "MEND": HostSpec("MEND", None, None, "train", "EasyEdit's MEND; ODEdit extends its meta-training objective"),
     "SERAC": HostSpec("SERAC", None, None, "train", "EasyEdit's SERAC_MULTI; ODEdit extends its meta-training objective"),
+    # GitHub main only: EasyEdit's own multimodal methods edit first, ODEdit refines what they added
+    "WISE": HostSpec("WISE", None, None, "refine", "EasyEdit's WISE; ODEdit refines its side memory"),
+    "GRACE": HostSpec("GRACE", None, None, "refine", "EasyEdit's GRACE; ODEdit refines its codebook values"),
+    "EasyEdit-LoRA": HostSpec("EasyEdit-LoRA", None, None, "refine", "EasyEdit's LoRA; ODEdit refines its adapters"),
 }
-ALIASES = {"FT": "FT-L", "FT_L": "FT-L", "FT_V": "FT-V", "LORA": "LoRA", "SERAC_MULTI": "SERAC"}
+ALIASES = {"FT": "FT-L", "FT_L": "FT-L", "FT_V": "FT-V", "LORA": "LoRA", "SERAC_MULTI": "SERAC",
+           "EASYEDIT-LORA": "EasyEdit-LoRA", "EASYEDIT_LORA": "EasyEdit-LoRA"}
 NOT_DECORATABLE = {"IKE": "IKE edits in context (it only prepends demonstrations) and changes no weight, so "
                           "there is nothing for ODEdit to optimise; use `alg_name: IKE` with EasyEdit's own "
                           "IKEMultimodalHyperParams instead"}
@@ -85,6 +91,8 @@ def _check_builtin(hp, where: str) -> None:
 
 def build_host(hparams):
     spec = host_spec(hparams.host)
+    if spec.name in ADAPTER_HOSTS:
+        return build_adapter_host(spec.name, hparams.host_params, hparams.optimiser)
     if spec.name == "MEND" and getattr(hparams.host_params, "archive", None):
         return EasyEditRefineHost(spec.name, hparams.host_params, hparams.optimiser)
     if spec.make is None:

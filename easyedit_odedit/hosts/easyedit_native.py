@@ -1,9 +1,10 @@
-"""Hosts that are EasyEdit's own methods (MEND, SERAC).
+"""Hosts that are EasyEdit's own methods (MEND, SERAC; on GitHub main also WISE, GRACE, LoRA).
 
 Their hyper-parameters are EasyEdit's own classes, built from the ``host_hparams`` mapping (or the
-host's YAML file). Without an ``archive`` they are being meta-trained (``alg: ODEdit`` in
+host's YAML file). Without an ``archive`` MEND/SERAC are being meta-trained (``alg: ODEdit`` in
 ``MultimodalTrainer``: see ``trainer.py``); with one, MEND edits with EasyEdit's executor and
-ODEdit then refines exactly the parameters MEND changed (``refine`` family).
+ODEdit then refines exactly the parameters MEND changed (``refine`` family). WISE, GRACE and
+EasyEdit's LoRA are refine hosts too (``easyedit_adapters.py``).
 """
 from __future__ import annotations
 
@@ -14,16 +15,21 @@ from typing import Any, Dict
 from .. import compat
 from ..errors import ODEditError
 
-# host name -> (EasyEdit algorithm key, editing hparams class, training hparams class)
+# host name -> (EasyEdit algorithm key, editing hparams class, training hparams class or None)
 EASYEDIT_HOSTS = {
     "MEND": ("MEND", "MENDMultimodalHparams", "MENDMultimodalTrainingHparams"),
     "SERAC": ("SERAC_MULTI", "SERACMultimodalHparams", "SERACMultimodalTrainingHparams"),
+    "WISE": ("WISE", "WISEMultimodalHyperParams", None),
+    "GRACE": ("GRACE", "GraceHyperParams", None),  # main's multimodal GRACE reuses the text class
+    "EasyEdit-LoRA": ("LoRA", "LoRAMultimodalHyperParams", None),
 }
 
 
 def build_easyedit_hparams(host: str, mapping: Dict[str, Any], inherited: Dict[str, Any], where: str):
     alg, editing, training = EASYEDIT_HOSTS[host]
-    cls = getattr(compat.import_easyeditor(), editing if mapping.get("archive") else training)
+    _require_installed(host, alg, where)
+    mapping = _as_easyedit_reads_its_yaml(mapping, where)
+    cls = getattr(compat.import_easyeditor(), editing if mapping.get("archive") or not training else training)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     from ..odedit.odedit_hparams import EASYEDIT_FIELDS
@@ -52,6 +58,36 @@ def build_easyedit_hparams(host: str, mapping: Dict[str, Any], inherited: Dict[s
     hparams = cls(**values)
     compat.complete_host_hparams(hparams)
     return hparams
+
+
+def _require_installed(host: str, alg: str, where: str) -> None:
+    if not compat.has_multimodal_alg(alg):
+        raise ODEditError(f"{where}: host", host,
+                          "install EasyEdit from GitHub main (https://github.com/zjunlp/EasyEdit; its `easyeditor` "
+                          "folder on the Python path), or use the plugin's built-in hosts `LoRA` (peft), `FT-L` or `FT-V`",
+                          problem=f"needs EasyEdit's multimodal {alg}, which the installed EasyEdit "
+                                  "(the PyPI release 0.0.1.dev0) does not have")
+
+
+def _as_easyedit_reads_its_yaml(mapping: Dict[str, Any], where: str) -> Dict[str, Any]:
+    """EasyEdit's own ``from_hparams`` rewrites two YAML keys before building its class (WISE's
+    ``act_margin: [alpha, beta, gamma]``, ``dtype: torch.bfloat16``); do the same, so a host's
+    EasyEdit YAML can be pasted under ``host_hparams`` as it is."""
+    import torch
+
+    mapping = dict(mapping)
+    if "act_margin" in mapping:
+        margin = mapping.pop("act_margin")
+        if not (isinstance(margin, (list, tuple)) and len(margin) == 3):
+            raise ODEditError(f"{where}: host_hparams.act_margin", margin,
+                              "give three numbers [alpha, beta, gamma], e.g. [5.0, 20.0, 10.0]")
+        mapping.update(zip(("alpha", "beta", "gamma"), margin))
+    if isinstance(mapping.get("dtype"), str):
+        dtype = getattr(torch, mapping["dtype"].replace("torch.", ""), None)
+        if not isinstance(dtype, torch.dtype):
+            raise ODEditError(f"{where}: host_hparams.dtype", mapping["dtype"], "use e.g. torch.float32 or torch.bfloat16")
+        mapping["dtype"] = dtype
+    return mapping
 
 
 _EXECUTORS: Dict[tuple, Any] = {}
@@ -88,7 +124,8 @@ class EasyEditRefineHost:
             _EXECUTORS[key] = mend_main.MendMultimodalRewriteExecutor()
         return _EXECUTORS[key]
 
-    def run_host(self, model, tok, view: dict) -> None:
+    def run_host(self, model, tok, view: dict, rows=(), undo=None) -> None:
+        """``rows``/``undo`` are unused: MEND changes existing weights only, which ODEdit's originals cover."""
         import os
 
         if not os.path.isfile(str(self.hparams.archive)):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import weakref
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -26,19 +26,34 @@ from .objective import EditRows, ODEditObjective, make_prefix_cache
 
 # Originals of every parameter changed since a model's first un-restored ODEdit edit.
 _HISTORY: "weakref.WeakKeyDictionary[torch.nn.Module, Dict[str, torch.Tensor]]" = weakref.WeakKeyDictionary()
+# Undo actions of hosts that insert modules (WISE, GRACE, EasyEdit's LoRA), oldest first.
+_UNDO: "weakref.WeakKeyDictionary[torch.nn.Module, List]" = weakref.WeakKeyDictionary()
 
 
 class RestorePoint(dict):
-    """``{parameter name: original tensor}`` that can also restore itself when called."""
+    """``{parameter name: original tensor}`` that can also restore itself when called (and then
+    also removes the modules a host inserted; the PyPI release only copies the tensors back)."""
 
-    def __init__(self, model: torch.nn.Module, originals: Dict[str, torch.Tensor]):
+    def __init__(self, model: torch.nn.Module, originals: Dict[str, torch.Tensor], undo=()):
         super().__init__(originals)
         self._model = weakref.ref(model)
+        self._undo = list(undo)
 
     def __call__(self) -> None:
         model = self._model()
         if model is not None:
+            _run_undo(model, self._undo)
             _copy_back(model, self)
+
+
+def _run_undo(model: torch.nn.Module, actions: List) -> None:
+    """Newest first, so each host finds the model as it left it; then forgotten."""
+    pending = _UNDO.get(model, [])
+    for action in reversed(list(actions)):
+        action()
+        if action in pending:
+            pending.remove(action)
+    actions.clear()
 
 
 def _copy_back(model: torch.nn.Module, originals: Dict[str, torch.Tensor]) -> None:
@@ -57,6 +72,7 @@ def restore_all(model: torch.nn.Module) -> int:
     """Undo every ODEdit edit applied to ``model`` since it was last restored (sequential editing).
     Returns the number of tensors restored."""
     model = _unwrap(model)  # a native transformers model's history is kept under its view
+    _run_undo(model, _UNDO.pop(model, []))
     history = _HISTORY.pop(model, {})
     _copy_back(model, history)
     return len(history)
@@ -90,47 +106,74 @@ def apply_odedit_to_multimodal_model(model, tok, requests, hparams, copy: bool =
     requests = [requests] if isinstance(requests, dict) else list(requests)
     views = [edit_view(check_request(r, adapter.tokenizer, i)) for i, r in enumerate(requests)]
     host = build_host(hparams)
-    originals = {}
-    with _restore_on_failure(adapter, originals):
+    originals, undo = {}, []
+    with _restore_on_failure(adapter, originals, undo):
         for view in views:
-            edit_once(adapter, view, hparams, host, originals)
+            edit_once(adapter, view, hparams, host, originals, undo)
     history = _HISTORY.setdefault(adapter, {})
     for name, value in originals.items():
         history.setdefault(name, value)
-    return model, (RestorePoint(adapter, originals) if keep_original_weight else {})
+    _UNDO.setdefault(adapter, []).extend(undo)
+    # nothing to restore is still callable: main calls the restore of CALLABLE_RESTORE_ALGS after every edit
+    return model, (RestorePoint(adapter, originals, undo) if keep_original_weight else RestorePoint(adapter, {}))
 
 
 @contextlib.contextmanager
-def _restore_on_failure(adapter: MultimodalLMAdapter, originals: Dict[str, torch.Tensor]):
-    """Any exception - NaN, a bad host, KeyboardInterrupt - leaves the weights as they were."""
+def _restore_on_failure(adapter: MultimodalLMAdapter, originals: Dict[str, torch.Tensor], undo: List):
+    """Any exception - NaN, a bad host, KeyboardInterrupt - leaves the model as it was."""
     try:
         yield
     except BaseException:
+        _run_undo(adapter, undo)
         _copy_back(adapter, originals)
         raise
 
 
-def edit_once(adapter: MultimodalLMAdapter, view: dict, hparams, host, originals: Dict[str, torch.Tensor]) -> Dict:
+@contextlib.contextmanager
+def _seeded(seed: int):
+    """The host's and LoRA's random draws (initialisation, WISE's mask, GRACE's cold values) come
+    from the edit's seed; the caller's generators are left as they were."""
+    import random
+
+    import numpy as np
+
+    states = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(states[0])
+            np.random.set_state(states[1])
+
+
+def edit_once(adapter: MultimodalLMAdapter, view: dict, hparams, host, originals: Dict[str, torch.Tensor],
+              undo: Optional[List] = None) -> Dict:
     """One edit: environments, then the host's optimisation with the ODEdit objective."""
     seed = _edit_seed(hparams, view)
     use_odedit = bool(getattr(hparams, "enabled", True))
-    with adapter.reusing_image_encodings():  # the set-up changes no weight
-        rows = build_rows(adapter, view, hparams, seed) if use_odedit else [Row("IN", view["prompt"], view["target"], view.get("image"))]
-        named = dict(adapter.named_parameters())
-        touched = host.touched(adapter)
-        for name in touched:
-            originals.setdefault(name, named[name].detach().clone())
-        cache = make_prefix_cache(adapter, touched, hparams)
-        edit_rows = EditRows(adapter, rows, hparams.risks.kl_positions, cache)  # unedited-model references
+    in_row = Row("IN", view["prompt"], view["target"], view.get("image"))
+    # WISE also reads an unrelated prompt from ODEdit's OUT rows, even when ODEdit itself is off
+    needs_rows = use_odedit or getattr(host, "needs_out_rows", False)
+    host_rows = build_rows(adapter, view, hparams, seed) if needs_rows else [in_row]
+    rows = host_rows if use_odedit else [in_row]
+    named = dict(adapter.named_parameters())
+    touched = host.touched(adapter)
+    for name in touched:
+        originals.setdefault(name, named[name].detach().clone())
+    cache = make_prefix_cache(adapter, touched, hparams)
+    edit_rows = EditRows(adapter, rows, hparams.risks.kl_positions, cache)  # unedited-model references
+    previous = {n: p.requires_grad for n, p in adapter.named_parameters()}  # before a host or peft freezes them
     if hasattr(host, "run_host"):  # refine family: the host edits first, ODEdit starts from its solution
-        host.run_host(adapter, adapter.tokenizer, view)
-    previous = {n: p.requires_grad for n, p in adapter.named_parameters()}  # before peft freezes them
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)  # LoRA's initialisation draws from the global generator
+        with _seeded(seed):
+            host.run_host(adapter, adapter.tokenizer, view, host_rows, undo)
+    with _seeded(seed):
         params = host.prepare(adapter)
     _train_only(adapter, params)
     try:
-        objective = ODEditObjective(adapter, edit_rows, params, hparams, host.lr, host.optimizer, use_odedit, seed)
+        objective = ODEditObjective(adapter, edit_rows, params, hparams, host.lr, host.optimizer, use_odedit, seed, cache)
         sampler = EnvironmentSampler(rows, hparams.environments, seed)
         logs = {}
         for _ in tqdm(range(host.num_steps), desc=f"ODEdit[{hparams.host}]", leave=False,
@@ -158,22 +201,18 @@ def _restore_requires_grad(adapter: MultimodalLMAdapter, previous: Dict[str, boo
 
 def build_rows(adapter: MultimodalLMAdapter, view: dict, hparams, seed: int) -> List[Row]:
     env = hparams.environments
-    builder = EnvironmentBuilder(env, _image_processor(hparams), getattr(hparams, "coco_image", ""), seed,
-                                 view_size=adapter.image_size)
-    rows = builder.in_and_se(view)
+    builder = EnvironmentBuilder(env, _image_processor(hparams), getattr(hparams, "coco_image", ""), seed)
+    rows = builder.in_and_se(view, view_size=adapter.image_size)
     out = builder.out_candidates(view)
-
-    n_tokens = len(adapter.tokenizer(view["target"])["input_ids"])
 
     def image_features(images):
         with torch.no_grad():
-            return adapter.image_features(images)
+            if len({tuple(image.shape) for image in images}) == 1:  # one batched pass when the sizes agree
+                return adapter.encode_images(torch.stack(images)).float().mean(1)
+            return torch.cat([adapter.encode_images(image.unsqueeze(0)).float().mean(1) for image in images])
 
-    def answers(probes):
-        return unedited_answers(adapter, probes, n_tokens)
-
-    rows += out["text"] + builder.near_and_far(view, rows, out["image"], image_features, answers)
-    _fill_unedited_answers(adapter, rows, n_tokens)
+    rows += out["text"] + builder.near_and_far(view, rows, out["image"], image_features)
+    _fill_unedited_answers(adapter, rows, n_tokens=len(adapter.tokenizer(view["target"])["input_ids"]))
     return rows
 
 
@@ -182,24 +221,19 @@ def _image_processor(hparams):
     return compat.module("dataset.processor.blip_processors").BlipImageEvalProcessor(image_size=364, mean=None, std=None)
 
 
+@torch.no_grad()
 def _fill_unedited_answers(adapter: MultimodalLMAdapter, rows: List[Row], n_tokens: int) -> None:
     """Rows without a target get the unedited model's greedy answer (what must not change)."""
     todo = [r for r in rows if r.target is None]
-    for row, answer in zip(todo, unedited_answers(adapter, todo, n_tokens)):
-        row.target = answer
-
-
-@torch.no_grad()
-def unedited_answers(adapter: MultimodalLMAdapter, probes: List[Row], n_tokens: int) -> List[str]:
-    """The model's greedy answer (``n_tokens`` tokens) to each row's prompt and image, batched."""
-    answers = [""] * len(probes)
-    if not probes:
-        return answers
+    if not todo:
+        return
+    answers = [""] * len(todo)
     for _ in range(max(n_tokens, 1)):
-        texts = [f"{r.prompt} {a}".rstrip() for r, a in zip(probes, answers)]
+        texts = [f"{r.prompt} {a}".rstrip() for r, a in zip(todo, answers)]
         lens = [len(adapter.tokenizer(t)["input_ids"]) for t in texts]
-        batch = adapter.embed(texts, [r.image for r in probes], lens)
-        logits, _ = adapter.decode(batch, tail=1)
+        batch = adapter.embed(texts, [r.image for r in todo], lens)
+        logits, _ = adapter.decode(batch)
         next_ids = logits[:, -1].argmax(-1).tolist()
         answers = [f"{a} {adapter.tokenizer.decode([t]).strip()}".strip() for a, t in zip(answers, next_ids)]
-    return answers
+    for row, answer in zip(todo, answers):
+        row.target = answer
