@@ -157,14 +157,15 @@ def edit_once(adapter: MultimodalLMAdapter, view: dict, hparams, host, originals
     in_row = Row("IN", view["prompt"], view["target"], view.get("image"))
     # WISE also reads an unrelated prompt from ODEdit's OUT rows, even when ODEdit itself is off
     needs_rows = use_odedit or getattr(host, "needs_out_rows", False)
-    host_rows = build_rows(adapter, view, hparams, seed) if needs_rows else [in_row]
-    rows = host_rows if use_odedit else [in_row]
-    named = dict(adapter.named_parameters())
-    touched = host.touched(adapter)
-    for name in touched:
-        originals.setdefault(name, named[name].detach().clone())
-    cache = make_prefix_cache(adapter, touched, hparams)
-    edit_rows = EditRows(adapter, rows, hparams.risks.kl_positions, cache)  # unedited-model references
+    with adapter.reusing_image_encodings():  # the set-up changes no weight
+        host_rows = build_rows(adapter, view, hparams, seed) if needs_rows else [in_row]
+        rows = host_rows if use_odedit else [in_row]
+        named = dict(adapter.named_parameters())
+        touched = host.touched(adapter)
+        for name in touched:
+            originals.setdefault(name, named[name].detach().clone())
+        cache = make_prefix_cache(adapter, touched, hparams)
+        edit_rows = EditRows(adapter, rows, hparams.risks.kl_positions, cache)  # unedited-model references
     previous = {n: p.requires_grad for n, p in adapter.named_parameters()}  # before a host or peft freezes them
     if hasattr(host, "run_host"):  # refine family: the host edits first, ODEdit starts from its solution
         with _seeded(seed):
@@ -173,7 +174,7 @@ def edit_once(adapter: MultimodalLMAdapter, view: dict, hparams, host, originals
         params = host.prepare(adapter)
     _train_only(adapter, params)
     try:
-        objective = ODEditObjective(adapter, edit_rows, params, hparams, host.lr, host.optimizer, use_odedit, seed, cache)
+        objective = ODEditObjective(adapter, edit_rows, params, hparams, host.lr, host.optimizer, use_odedit, seed)
         sampler = EnvironmentSampler(rows, hparams.environments, seed)
         logs = {}
         for _ in tqdm(range(host.num_steps), desc=f"ODEdit[{hparams.host}]", leave=False,
@@ -201,18 +202,22 @@ def _restore_requires_grad(adapter: MultimodalLMAdapter, previous: Dict[str, boo
 
 def build_rows(adapter: MultimodalLMAdapter, view: dict, hparams, seed: int) -> List[Row]:
     env = hparams.environments
-    builder = EnvironmentBuilder(env, _image_processor(hparams), getattr(hparams, "coco_image", ""), seed)
-    rows = builder.in_and_se(view, view_size=adapter.image_size)
+    builder = EnvironmentBuilder(env, _image_processor(hparams), getattr(hparams, "coco_image", ""), seed,
+                                 view_size=adapter.image_size)
+    rows = builder.in_and_se(view)
     out = builder.out_candidates(view)
+
+    n_tokens = len(adapter.tokenizer(view["target"])["input_ids"])
 
     def image_features(images):
         with torch.no_grad():
-            if len({tuple(image.shape) for image in images}) == 1:  # one batched pass when the sizes agree
-                return adapter.encode_images(torch.stack(images)).float().mean(1)
-            return torch.cat([adapter.encode_images(image.unsqueeze(0)).float().mean(1) for image in images])
+            return adapter.image_features(images)
 
-    rows += out["text"] + builder.near_and_far(view, rows, out["image"], image_features)
-    _fill_unedited_answers(adapter, rows, n_tokens=len(adapter.tokenizer(view["target"])["input_ids"]))
+    def answers(probes):
+        return unedited_answers(adapter, probes, n_tokens)
+
+    rows += out["text"] + builder.near_and_far(view, rows, out["image"], image_features, answers)
+    _fill_unedited_answers(adapter, rows, n_tokens)
     return rows
 
 
@@ -221,19 +226,24 @@ def _image_processor(hparams):
     return compat.module("dataset.processor.blip_processors").BlipImageEvalProcessor(image_size=364, mean=None, std=None)
 
 
-@torch.no_grad()
 def _fill_unedited_answers(adapter: MultimodalLMAdapter, rows: List[Row], n_tokens: int) -> None:
     """Rows without a target get the unedited model's greedy answer (what must not change)."""
     todo = [r for r in rows if r.target is None]
-    if not todo:
-        return
-    answers = [""] * len(todo)
+    for row, answer in zip(todo, unedited_answers(adapter, todo, n_tokens)):
+        row.target = answer
+
+
+@torch.no_grad()
+def unedited_answers(adapter: MultimodalLMAdapter, probes: List[Row], n_tokens: int) -> List[str]:
+    """The model's greedy answer (``n_tokens`` tokens) to each row's prompt and image, batched."""
+    answers = [""] * len(probes)
+    if not probes:
+        return answers
     for _ in range(max(n_tokens, 1)):
-        texts = [f"{r.prompt} {a}".rstrip() for r, a in zip(todo, answers)]
+        texts = [f"{r.prompt} {a}".rstrip() for r, a in zip(probes, answers)]
         lens = [len(adapter.tokenizer(t)["input_ids"]) for t in texts]
-        batch = adapter.embed(texts, [r.image for r in todo], lens)
-        logits, _ = adapter.decode(batch)
+        batch = adapter.embed(texts, [r.image for r in probes], lens)
+        logits, _ = adapter.decode(batch, tail=1)
         next_ids = logits[:, -1].argmax(-1).tolist()
         answers = [f"{a} {adapter.tokenizer.decode([t]).strip()}".strip() for a, t in zip(answers, next_ids)]
-    for row, answer in zip(todo, answers):
-        row.target = answer
+    return answers
