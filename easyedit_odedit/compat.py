@@ -267,6 +267,17 @@ def host_scope():
         yield
 
 
+def ready_mend_executor(executor, model, tok, hparams):
+    """EasyEdit's MEND executor, initialised, with its hypernetwork in evaluation mode. The PyPI
+    release never calls ``.eval()`` (GitHub main does, before each edit): in training mode MEND's
+    input normaliser re-estimates its statistics from every edit's own rows instead of using the
+    archive's, so each edit depended on the edits before it (and a one-token answer raised)."""
+    if not getattr(executor, "is_init", False):
+        executor.init_model(model, tok, hparams)
+    executor.alg.eval()
+    return executor
+
+
 def _scoped(method, check=None):
     @functools.wraps(method)
     def wrapper(*args, **kwargs):

@@ -46,13 +46,9 @@ def test_mend_meta_trains_with_the_odedit_objective(world, tmp_path):
     assert archive.exists()
 
 
-def test_mend_edit_then_odedit_refine_restores_exactly(world, tmp_path):
-    """Train a MEND archive (alg: ODEdit), then edit with host MEND + archive: EasyEdit's MEND
-    executor edits, ODEdit refines the same parameters, and the restore is bit-identical."""
-    from easyeditor import MultimodalEditor, MultimodalTrainer
-
-    from easyedit_odedit.odedit.odedit_main import apply_odedit_to_multimodal_model
-    from tests.conftest import PROMPT
+def _mend_archive(world, tmp_path):
+    """Train a tiny MEND archive (alg: ODEdit); returns a function making hparams that edit with it."""
+    from easyeditor import MultimodalTrainer
 
     host = yaml.safe_load(open(os.path.join(ROOT, "hparams/TRAINING/MEND/tiny-host.yaml")))
     host.update(max_iters=8, val_interval=4, val_steps=1)
@@ -67,8 +63,24 @@ def test_mend_edit_then_odedit_refine_restores_exactly(world, tmp_path):
 
     edit_host = {k: v for k, v in host.items() if k not in ("alg", "batch_size", "max_iters")}
     edit_host.update(archive=str(archive), lr_scale=1.0, alg_name="MEND")
-    hp_edit = ODEditHyperParams.from_dict(dict(config, host_hparams=edit_host, optimiser={"steps": 3},
-                                               environments={"locality_pool": str(world / "pool.json")}))
+
+    def editing_hparams(**extra):
+        return ODEditHyperParams.from_dict(dict(config, host_hparams=edit_host, optimiser={"steps": 3},
+                                                environments={"locality_pool": str(world / "pool.json")}, **extra))
+
+    return host, editing_hparams
+
+
+def test_mend_edit_then_odedit_refine_restores_exactly(world, tmp_path):
+    """EasyEdit's MEND executor edits, ODEdit refines the same parameters, and the restore is
+    bit-identical."""
+    from easyeditor import MultimodalEditor
+
+    from easyedit_odedit.odedit.odedit_main import apply_odedit_to_multimodal_model
+    from tests.conftest import PROMPT
+
+    host, editing_hparams = _mend_archive(world, tmp_path)
+    hp_edit = editing_hparams()
     editor = MultimodalEditor.from_hparams(hp_edit)
     before = {k: v.clone() for k, v in editor.model.state_dict().items()}
     request = {"prompt": PROMPT, "target": "green", "image": torch.ones(3, 64, 64)}
@@ -77,6 +89,34 @@ def test_mend_edit_then_odedit_refine_restores_exactly(world, tmp_path):
     assert changed == host["inner_params"]
     restore()
     assert all(torch.equal(before[k], v) for k, v in editor.model.state_dict().items())
+
+
+def test_mend_edits_do_not_depend_on_evaluation_fields(world, tmp_path):
+    """No leakage, MEND alone and MEND+ODEdit: the same edit with real and with other evaluation
+    fields gives bit-identical weights."""
+    from easyeditor import MultimodalEditor
+
+    from easyedit_odedit.odedit.odedit_main import apply_odedit_to_multimodal_model
+    from tests.conftest import PROMPT
+
+    _, editing_hparams = _mend_archive(world, tmp_path)
+    for enabled in (False, True):
+        hp = editing_hparams(enabled=enabled)
+        editor = MultimodalEditor.from_hparams(hp)
+        edited = []
+        for rephrase, loc, seed in [("what is the color of the shape ?", "what is two plus two ?", 1),
+                                    ("is there a circle ?", "what is one plus one ?", 2)]:
+            other = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(seed))
+            request = {"prompt": PROMPT, "target": "green", "image": torch.ones(3, 64, 64),
+                       "rephrase_prompt": rephrase, "image_rephrase": other, "locality_prompt": loc,
+                       "locality_ground_truth": "four", "multimodal_locality_image": other,
+                       "multimodal_locality_prompt": rephrase, "multimodal_locality_ground_truth": "circle"}
+            _, restore = apply_odedit_to_multimodal_model(editor.model, editor.tok, [request], hp,
+                                                          keep_original_weight=True)
+            edited.append({k: v.clone() for k, v in editor.model.state_dict().items()})
+            restore()
+        assert any(not torch.equal(v, editor.model.state_dict()[k]) for k, v in edited[0].items())  # it edited
+        assert [k for k in edited[0] if not torch.equal(edited[0][k], edited[1][k])] == [], enabled
 
 
 def test_a_mend_archive_for_another_model_is_a_clear_error(world, tmp_path):

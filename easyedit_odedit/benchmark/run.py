@@ -380,9 +380,6 @@ def harmonic(a: Optional[float], b: Optional[float]) -> Optional[float]:
 class Method:
     """One row of the table: a host alone, with ODEdit, or an ODEdit variant."""
 
-    def prepare_editor(self, editor, hp) -> None:
-        """Called once per editor before the first edit."""
-
     def __init__(self, host: str, yaml_path: str, odedit: bool, variant: Optional[str] = None,
                  overrides: Optional[dict] = None, lr: Optional[float] = None, common: Optional[dict] = None):
         self.host, self.yaml_path, self.odedit = host, yaml_path, odedit
@@ -453,20 +450,6 @@ class MendMethod(Method):
 
     def host_lr(self, hp) -> Optional[float]:
         return float(hp.host_params.edit_lr)
-
-    def prepare_editor(self, editor, hp) -> None:
-        """Load the archive into the executor ODEdit's MEND host will call, in evaluation mode.
-        The PyPI executor builds ``MEND`` and never calls ``.eval()``: in training mode MEND's input
-        normaliser re-initialises its statistics from the edit's own gradient rows (and raises for a
-        one-token answer: "Can't perform normalization with only 1 samples"), instead of using the
-        statistics stored in the archive. EasyEdit's own validation runs MEND in eval mode."""
-        from .. import compat
-        from ..registry import build_host
-
-        executor = build_host(hp)._executor(editor.model)
-        with compat.host_scope():
-            executor.init_model(editor.model, editor.tok, hp.host_params)
-        executor.alg.eval()
 
 
 def train_mend(mend: dict, alg: str, data: Dict[str, str], model_dir: str, seed: int, results_dir: str,
@@ -598,7 +581,6 @@ class SeedRun:
     def single(self, method: Method, n: int, setting: str = "single") -> List[dict]:
         hp = method.hparams(self.data, self.config["base_model"], self.seed)
         editor = build_editor(hp)
-        method.prepare_editor(editor, hp)
         ev = Evaluation(editor, self.data["image_root"], self.images)
         original_apply = editor.apply_algo
         state: Dict[str, Any] = {}
@@ -637,7 +619,6 @@ class SeedRun:
 
         hp = method.hparams(self.data, self.config["base_model"], self.seed)
         editor = build_editor(hp)
-        method.prepare_editor(editor, hp)
         ev = Evaluation(editor, self.data["image_root"], self.images)
         records = list(enumerate(self.test))[chunk * T:(chunk + 1) * T]
         requests = ev.requests([r for _, r in records])

@@ -137,9 +137,9 @@ class EasyEditRefineHost:
         _check_archive_matches(str(self.hparams.archive), model, self.hparams.inner_params)
         request = dict(view)
         with compat.host_scope():
-            self._executor(model).apply_to_model(model, tok, request if compat.flavour() == compat.MAIN else [request],
-                                                 self.hparams, copy=False, return_orig_weights=True,
-                                                 keep_original_weight=True)
+            executor = compat.ready_mend_executor(self._executor(model), model, tok, self.hparams)
+            executor.apply_to_model(model, tok, request if compat.flavour() == compat.MAIN else [request],
+                                    self.hparams, copy=False, return_orig_weights=True, keep_original_weight=True)
 
     def prepare(self, model):
         named = dict(model.named_parameters())
