@@ -61,6 +61,10 @@ def test_outputs_and_fields(bench):
         (m, lr) for m in ("FT-L", "FT-L+ODEdit") for lr in (1.0e-4, 3.0e-3)}
     md = (out / "results.md").read_text()
     assert "| FT-L+ODEdit |" in md and "Paired per-edit differences" in md
+    # the no-leakage check ran for every method of the single-editing table (2 records each) and held
+    assert res["leakage"] == {m: {"3": {"records": 2, "bit_identical": 2}}
+                              for m in ("FT-L", "FT-L+ODEdit", "MEND", "MEND+ODEdit")}
+    assert "## No leakage" in md
 
 
 def test_per_edit_values_are_fractions_with_time_and_memory(bench):

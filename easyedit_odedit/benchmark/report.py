@@ -180,6 +180,7 @@ def build(out: str, show: bool = True) -> Dict[str, Any]:
     results["time_memory"] = time_memory(rows)
     results["curve"] = curve_points(rows)
     results["mend_training"] = meta.get("mend_training", {})
+    results["leakage"] = meta.get("leakage", {})
     results["not_run"] = config.get("not_run", {})
     results["per_edit"] = rows
     with open(os.path.join(out, "results.json"), "w") as f:
@@ -289,6 +290,15 @@ def markdown(results: Dict[str, Any]) -> str:
                              f"{info.get('max_iters')} × {info.get('batch_size')} | {info.get('seconds')} | " + " | ".join(
                                  "–" if k not in val else f"{100 * val[k]:.1f}"
                                  for k in ("edit/acc_val", "image_rephrase/acc_val", "loc/acc_val", "image_loc/acc_val")) + " |")
+        lines.append("")
+    if results.get("leakage"):
+        lines += ["## No leakage", "", "Each method edited the first records of each seed twice, with their own and with "
+                  "another record's evaluation fields (rephrase, image_rephrase, loc, m_loc...): edited weights "
+                  "bit-identical in", ""]
+        for method, by_seed in results["leakage"].items():
+            total = sum(c["records"] for c in by_seed.values())
+            same = sum(c["bit_identical"] for c in by_seed.values())
+            lines.append(f"- {method}: {same} of {total} records")
         lines.append("")
     if results.get("not_run"):
         lines += ["## Not run", ""] + [f"- **{k}**: {v}" for k, v in results["not_run"].items()] + [""]

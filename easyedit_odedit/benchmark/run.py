@@ -62,6 +62,8 @@ VQA = "Question: {} Short answer:"
 EXTRA = (("eval_gen", "gen", "edit"), ("eval_near_shape", "near_shape", "keep"),
          ("eval_near_colour", "near_colour", "keep"), ("eval_far", "far", "keep"),
          ("eval_other_family", "other_family", "keep"))
+# what an editor must never read (the protocol's evaluation fields of an E-VQA record)
+EVALUATION_FIELDS = ("rephrase", "image_rephrase", "loc", "loc_ans", "m_loc", "m_loc_q", "m_loc_a")
 EASYEDIT_METRICS = (("rewrite_acc", "rel"), ("rephrase_acc", "t_gen"), ("image_rephrase_acc", "i_gen"),
                     ("locality_acc", "t_loc"), ("multimodal_locality_acc", "i_loc"))
 
@@ -78,6 +80,7 @@ DEFAULTS: Dict[str, Any] = {
     "curve": None,
     "mend": None,        # {yaml, train: {host_hparams overrides}, val_records, edit_steps, seeds, settings}
     "not_run": {},
+    "leakage_check": 3,  # records per method and seed edited with real and with swapped evaluation fields
 }
 
 
@@ -534,6 +537,7 @@ class SeedRun:
         self._pre_extra: Dict[tuple, tuple] = {}
         self.images: Dict[str, Any] = {}  # evaluation images of this seed, shared by every method
         self.mend_training: Dict[str, Dict[str, Any]] = {}
+        self.leakage: Dict[str, Dict[str, int]] = {}
 
     def mend_archive(self, seed: int, alg: str) -> str:
         """The seed's MEND archive trained with ``alg`` (trained on first use)."""
@@ -610,7 +614,28 @@ class SeedRun:
             rows += self.rows_for(method, hp, setting, [(index, record)], [post], [pre], [state["extra_post"]],
                                   [extra_pre], [items], [state["timing"]])
         self._check_restored(editor, snapshot)
+        if setting == "single":
+            self.leakage[method.name] = self.leakage_check(editor, hp, ev, records[:int(self.config["leakage_check"])])
         return rows
+
+    def leakage_check(self, editor, hp, ev: Evaluation, records: List[Tuple[int, dict]]) -> Dict[str, int]:
+        """The protocol's no-leakage rule, for this method: each record edited twice - as it is, and
+        with the next record's evaluation fields - must give bit-identical weights."""
+        import torch
+
+        from ..odedit.odedit_main import apply_odedit_to_multimodal_model
+
+        identical = 0
+        for (_, record), (_, other) in zip(records, records[1:] + records[:1]):
+            swapped = {**record, **{k: other[k] for k in EVALUATION_FIELDS}}
+            edited = []
+            for rec in (record, swapped):
+                _, restore = apply_odedit_to_multimodal_model(editor.model, editor.tok, ev.requests([rec]), hp,
+                                                              keep_original_weight=True)
+                edited.append({k: v.detach().clone() for k, v in editor.model.state_dict().items()})
+                restore()
+            identical += all(torch.equal(edited[0][k], edited[1][k]) for k in edited[0])
+        return {"records": len(records), "bit_identical": identical}
 
     # -- sequential editing ----------------------------------------------------------------
     def sequential(self, method: Method, T: int, chunk: int) -> List[dict]:
@@ -770,6 +795,8 @@ def run_bench(config_or_path, out: str, progress: bool = True, report: bool = Tr
             sink.flush()
             if run.mend_training:
                 meta.setdefault("mend_training", {})[str(seed)] = run.mend_training
+            for name, check in run.leakage.items():
+                meta.setdefault("leakage", {}).setdefault(name, {})[str(seed)] = check
     meta["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     meta["wall_s"] = round(time.time() - started, 1)
     with open(os.path.join(out, "run.json"), "w") as f:
