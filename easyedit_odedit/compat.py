@@ -390,6 +390,13 @@ def _install_model_factories() -> None:
                 setattr(mod, cls_name, _plugin_aware(current, path_kwarg))
 
 
+def multimodal_evaluation():
+    """The module of EasyEdit's multimodal evaluation functions (``compute_multimodal_edit_results``,
+    ``prepare_multimodal_edit``, ``compute_multimodal_edit_quality``): ``evaluate.evaluate`` in the
+    PyPI release, ``evaluate.multimodal_evaluate`` on main."""
+    return module("evaluate.multimodal_evaluate" if flavour() == MAIN else "evaluate.evaluate")
+
+
 def process_image_file(processor, path: str):
     """EasyEdit's BLIP processors take a PIL image in the PyPI release and a path on main."""
     if flavour() == MAIN:

@@ -60,6 +60,9 @@ def model_pixels(paths: Sequence[str], image_size: int, processor: str = "easyed
     for start in range(0, len(paths), chunk):
         batch = []
         for path in paths[start:start + chunk]:
+            if processor == "easyedit":  # a PIL image in the PyPI release, a path on GitHub main
+                batch.append(compat.process_image_file(process, path))
+                continue
             with Image.open(path) as im:
                 batch.append(process(im.convert("RGB")))
         out.append(to_model_size(torch.stack(batch), image_size))

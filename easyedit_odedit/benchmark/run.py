@@ -260,7 +260,7 @@ class Evaluation:
         self.editor = editor
         self.image_root = image_root
         self.image_size = getattr(editor.model, "image_size", None)
-        evaluate = compat.module("evaluate.evaluate")
+        evaluate = compat.multimodal_evaluation()
         self._results = evaluate.compute_multimodal_edit_results
         self._prepare = evaluate.prepare_multimodal_edit
         self._quality = evaluate.compute_multimodal_edit_quality
@@ -274,12 +274,9 @@ class Evaluation:
         the adapter's own resize to the model's resolution, which the adapter would apply anyway
         (``pixels.to_model_size``): cached at 64 px instead of 364 px (1.6 MB a tensor)."""
         if rel not in self._images:
-            from PIL import Image
-
             from .pixels import to_model_size
 
-            with Image.open(self.path(rel)) as im:
-                pixels = self.editor.vis_tok(im.convert("RGB"))
+            pixels = self.compat.process_image_file(self.editor.vis_tok, self.path(rel))
             if self.image_size:
                 pixels = to_model_size(pixels[None], self.image_size)[0]
             self._images[rel] = pixels
