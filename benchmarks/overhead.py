@@ -79,7 +79,7 @@ def run_mode(mode: str, args) -> dict:
 
     class BatchedNLL(ODEditObjective):
         def update(self, idx):
-            batch, logits, _ = self.forward(idx, None)
+            batch, logits, _ = self.forward(idx)
             loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
                                                      batch.labels[:, 1:].reshape(-1), ignore_index=-100)
             self._descend(loss)

@@ -29,9 +29,6 @@ def tv_penalty(env_risks: Sequence[torch.Tensor], scale: torch.Tensor) -> torch.
 
     With a scalar ``scale`` each environment's gradient is its own autograd call; with one scale per
     environment (risk e depends on scale[e] only) a single call on the summed risk yields them all."""
-    if torch.is_tensor(env_risks) and scale.dim() == 1:  # [n_envs], entry e depending on scale[e] only
-        grads = torch.autograd.grad(env_risks.sum(), scale, create_graph=True)[0]
-        return grads.abs().mean() ** 2
     env_risks = [r for r in env_risks if r.requires_grad]
     if not env_risks:
         return scale.sum() * 0.0
@@ -39,7 +36,36 @@ def tv_penalty(env_risks: Sequence[torch.Tensor], scale: torch.Tensor) -> torch.
         grads = torch.stack([torch.autograd.grad(r, scale, create_graph=True)[0] for r in env_risks])
     else:
         grads = torch.autograd.grad(torch.stack(env_risks).sum(), scale, create_graph=True)[0]
-    return grads.abs().mean() ** 2
+    return tv_from_gradients(grads)
+
+
+# -- the same gradients in closed form -------------------------------------------------------------
+# With logits l = omega * z at omega = 1, dR/d omega = sum_v (dR/dl_v) z_v for each compared
+# position, so every environment's gradient is a plain function of the logits: no second autograd
+# graph (create_graph) is needed, and the penalty's own gradient comes out of the step's one
+# backward pass. ``tests/test_objective_math.py`` checks these against ``tv_penalty``'s autograd.
+def nll_omega_gradient(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """[N]: d/d omega of -log softmax(omega z)[y] at omega = 1, i.e. E_p[z] - z_y."""
+    z = logits.float()
+    return (z.softmax(-1) * z).sum(-1) - z.gather(-1, targets[:, None])[:, 0]
+
+
+def kl_omega_gradient(logits: torch.Tensor, pre_log_probs: torch.Tensor, direction: str = "post_pre") -> torch.Tensor:
+    """[N]: d/d omega of the per-position KL at omega = 1. post_pre, KL(p || q):
+    sum_v z_v p_v (log p_v - log q_v - KL); pre_post, KL(q || p): sum_v z_v (p_v - q_v)."""
+    z = logits.float()
+    log_p = z.log_softmax(-1)
+    p = log_p.exp()
+    if direction == "post_pre":
+        ratio = log_p - pre_log_probs
+        kl = (p * ratio).sum(-1, keepdim=True)
+        return (z * p * (ratio - kl)).sum(-1)
+    return (z * (p - pre_log_probs.exp())).sum(-1)
+
+
+def tv_from_gradients(env_gradients: torch.Tensor) -> torch.Tensor:
+    """(mean_e |g_e|)^2 from the environments' dR_e/d omega (Eq. 9)."""
+    return env_gradients.abs().mean() ** 2
 
 
 class LagrangeMultiplier(nn.Module):

@@ -1,6 +1,7 @@
 """Risks and penalty against values worked out independently."""
 import math
 
+import pytest
 import torch
 
 from easyedit_odedit import penalty as tv
@@ -75,3 +76,31 @@ def test_one_scale_per_environment_gives_the_same_penalty_in_one_call():
     vector = tv.tv_penalty([torch.nn.functional.cross_entropy(per_env[i] * logits[i], labels[i]) for i in range(3)],
                            per_env)
     assert torch.allclose(scalar, vector, rtol=1e-5)
+
+
+@pytest.mark.parametrize("direction", ["post_pre", "pre_post"])
+def test_closed_form_omega_gradients_match_autograd_and_finite_differences(direction):
+    """ODEdit's step computes dR_e/d omega in closed form (no create_graph): the values and the
+    penalty's own gradient must equal the autograd construction, and a finite difference."""
+    torch.manual_seed(3)
+    logits = torch.randn(6, 9, requires_grad=True)  # 6 compared positions, vocabulary 9
+    targets = torch.randint(0, 9, (6,))
+    pre = torch.log_softmax(torch.randn(6, 9), -1)
+
+    def env_risks(s):  # env 0: NLL on positions 0-2; env 1: KL on positions 3-5
+        return [torch.nn.functional.cross_entropy(s * logits[:3], targets[:3]),
+                risks.locality_kl(s * logits[3:], pre[3:], direction)]
+
+    scale = tv.omega()
+    reference = tv.tv_penalty(env_risks(scale), scale)
+    closed = torch.stack([tv.nll_omega_gradient(logits[:3], targets[:3]).mean(),
+                          tv.kl_omega_gradient(logits[3:], pre[3:], direction).mean()])
+    eps = 1e-3
+    finite = [(hi - lo).item() / (2 * eps) for hi, lo in zip(env_risks(torch.tensor(1 + eps)),
+                                                              env_risks(torch.tensor(1 - eps)))]
+    assert torch.allclose(closed, torch.tensor(finite), rtol=1e-3, atol=1e-5)
+    penalty = tv.tv_from_gradients(closed)
+    assert torch.allclose(penalty, reference, rtol=1e-5)
+    (grad_closed,) = torch.autograd.grad(penalty, logits)
+    (grad_reference,) = torch.autograd.grad(reference, logits)
+    assert torch.allclose(grad_closed, grad_reference, rtol=1e-4, atol=1e-7)

@@ -146,30 +146,38 @@ class ODEditObjective:
         return getattr(torch.optim, self.optimizer_name)(list(self.params.values()), lr=self.lr)
 
     # -- one forward pass over every environment row of the step ------------------------------
-    def forward(self, idx: List[int], scale):
+    def forward(self, idx: List[int]):
         """Logits and hidden states of the last ``tail`` positions of the chosen rows, and the
         rows' batch with its labels cut to the same columns."""
         rows = torch.tensor(idx, device=self.rows.embedded.inputs_embeds.device)
         tail = self.rows.tail
         batch = self.rows.embed(idx) if self.reembed else _select(self.rows.embedded, rows)
         if self.cache is not None:
-            logits, hidden = self.cache.decode(self.adapter, batch, rows, logit_scale=scale, tail=tail)
+            logits, hidden = self.cache.decode(self.adapter, batch, rows, tail=tail)
         else:
-            logits, hidden = self.adapter.decode(batch, logit_scale=scale, tail=tail)
+            logits, hidden = self.adapter.decode(batch, tail=tail)
         return _with_labels(batch, batch.labels[:, -tail:]), logits, hidden
 
     def risks(self, rows: torch.Tensor, group: torch.Tensor, n_groups: int, batch: EmbeddedBatch,
-              logits: torch.Tensor) -> torch.Tensor:
-        """[n_groups]: each environment's risk - the NLL of the target on IN/SE rows, the KL to the
-        unedited model on OUT rows - from every position at once (``group``: each row's environment)."""
+              logits: torch.Tensor):
+        """Each environment's risk - the NLL of the target on IN/SE rows, the KL to the unedited
+        model on OUT rows - and its gradient in the classifier scale omega (the TV penalty's g_e),
+        from every compared position at once; ``group`` is each row's environment. Two [n_groups]."""
         out = self.rows.is_out[rows]
         nll_at = risks.answer_positions(batch.labels)[:, :-1] & ~out[:, None]
         kl_at = self.rows.compare_tail[rows]
-        nll = risks.token_nll(logits, batch.labels)[nll_at]
-        kl = risks.kl_per_position(logits[kl_at], self.rows.pre_log_probs[self.rows.pre_index[rows][kl_at]],
-                                   self.hp.risks.kl_direction)
+        nll_logits, targets = logits[:, :-1][nll_at], batch.labels[:, 1:][nll_at]
+        kl_logits, pre = logits[kl_at], self.rows.pre_log_probs[self.rows.pre_index[rows][kl_at]]
+        direction = self.hp.risks.kl_direction
+        values = torch.cat([torch.nn.functional.cross_entropy(nll_logits.float(), targets, reduction="none"),
+                            risks.kl_per_position(kl_logits, pre, direction)])
         position_group = torch.cat([group[:, None].expand_as(nll_at)[nll_at], group[:, None].expand_as(kl_at)[kl_at]])
-        return risks.segment_mean(torch.cat([nll, kl]), position_group, n_groups)
+        env_risk = risks.segment_mean(values, position_group, n_groups)
+        if not self.use_odedit:
+            return env_risk, None
+        omega_grads = torch.cat([tv.nll_omega_gradient(nll_logits, targets),
+                                 tv.kl_omega_gradient(kl_logits, pre, direction)])
+        return env_risk, risks.segment_mean(omega_grads, position_group, n_groups)
 
     def mmd_features(self, batch: EmbeddedBatch, hidden: torch.Tensor) -> torch.Tensor:
         answer = risks.answer_positions(batch.labels)
@@ -182,12 +190,11 @@ class ODEditObjective:
     def update(self, idx: List[int]) -> Dict[str, float]:
         hp = self.hp
         envs = [self.rows.envs[i] for i in idx]
-        groups = list(dict.fromkeys(envs))  # one omega_e per environment present in this step
+        groups = list(dict.fromkeys(envs))  # the environments present in this step
         device = self.rows.embedded.inputs_embeds.device
-        scale = tv.omega(len(groups), device)
         group = torch.tensor([groups.index(e) for e in envs], device=device)
-        batch, logits, hidden = self.forward(idx, scale[group].view(-1, 1, 1))
-        env_risk = self.risks(torch.tensor(idx, device=device), group, len(groups), batch, logits)
+        batch, logits, hidden = self.forward(idx)
+        env_risk, env_omega_grad = self.risks(torch.tensor(idx, device=device), group, len(groups), batch, logits)
         r_rel = env_risk[groups.index("IN")]
         terms = {"rel_nll": r_rel}
         dual = weight = 0.0
@@ -205,7 +212,7 @@ class ODEditObjective:
             weight = hp.penalty.weight if self.step >= hp.penalty.warmup_steps else 0.0
             if self.step == hp.penalty.warmup_steps and weight > 0:
                 self.optimizer = self._new_optimizer()  # the loss scale jumps: stale Adam moments mislead
-            penalty = tv.tv_penalty(env_risk, scale) if weight > 0 else scale.sum() * 0.0
+            penalty = tv.tv_from_gradients(env_omega_grad) if weight > 0 else env_risk.new_zeros(())
             lam = self.multiplier(self._lambda_features(hidden, envs))
             objective = r_edit + weight * lam.detach() * penalty
             if hp.penalty.normalise:
