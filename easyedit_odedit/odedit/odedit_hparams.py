@@ -125,7 +125,7 @@ class ODEditHyperParams:
 
     @classmethod
     def from_dict(cls, config: Dict[str, Any], source_path: Optional[str] = None) -> "ODEditHyperParams":
-        from ..registry import build_host_hparams, host_spec
+        from ..registry import HOSTS, build_host_hparams, host_spec
 
         config = dict(config)
         where = os.path.basename(source_path) if source_path else "hparams"
@@ -135,7 +135,7 @@ class ODEditHyperParams:
             raise ODEditError(f"{where}: alg_name", alg_name, "set `alg_name: ODEdit` (the host goes in `host:`)")
         if "host" not in config:
             raise ODEditError(f"{where}: host", None, "add `host:` naming the method ODEdit decorates "
-                              "(FT-L, FT-V, LoRA, MEND, SERAC, WISE, GRACE)", problem="is missing")
+                              f"({', '.join(HOSTS)})", problem="is missing")
         host = _typed(f"{where}: host", config.pop("host"), str)
         spec = host_spec(host, where)
         sections = {}
