@@ -7,7 +7,8 @@
    restore of the whole state dict after a single edit and after 5 sequential edits.
 2. Per-edit time and peak GPU memory, host alone vs host + ODEdit, on the small MiniMMEdit model.
 3. With ``--big``: the same on a random-weight model with the shapes of a 7B-class LLaVA (CLIP
-   ViT-L/14-336 + Llama-7B, bf16), FT-L on the top two layers' MLPs.
+   ViT-L/14-336 + Llama-7B, bf16), for each host of ``BIG_HOSTS`` (FT-L on the top two layers' MLPs
+   and on the top MLP alone, LoRA, FT-V on the projector).
 On a machine without CUDA it runs on the CPU with a 2-layer stand-in for the big model (to test
 the script itself).
 """
@@ -138,6 +139,15 @@ def big_llava(layers: int):
     return adapter
 
 
+# the hosts of the YAMLs for real models (hparams/ODEdit/llava15-*.yaml), at their default sizes
+BIG_HOSTS = (
+    ("FT-L", {"layers": [-2, -1], "modules": ["mlp.up_proj", "mlp.down_proj"], "lr": 1e-4}),  # layer cache
+    ("FT-L", {"layers": [-1], "modules": ["mlp"], "lr": 1e-4}),  # top MLP only: LastModuleCache
+    ("LoRA", {"layers": [-2, -1], "target_modules": ["up_proj", "down_proj"], "rank": 8, "lr": 1e-3}),
+    ("FT-V", {"modules": ["multi_modal_projector"], "lr": 1e-4}),  # every row re-embedded each step
+)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--big", action="store_true")
@@ -163,9 +173,10 @@ def main():
         start = time.time()
         big = big_llava(32 if CUDA else 2)
         print(f"\n[big] built in {time.time() - start:.1f} s")
-        compare("big", big, {"host": "FT-L", "host_hparams": {"layers": [-2, -1], "modules": ["mlp.up_proj", "mlp.down_proj"],
-                                                               "num_steps": args.steps, "lr": 1e-4},
-                             "model_name": "blip2", "environments": env}, image.to(torch.bfloat16 if CUDA else torch.float32))
+        for host, host_hparams in BIG_HOSTS:
+            compare("big", big, {"host": host, "host_hparams": {**host_hparams, "num_steps": args.steps},
+                                 "model_name": "blip2", "environments": env},
+                    image.to(torch.bfloat16 if CUDA else torch.float32))
 
 
 if __name__ == "__main__":

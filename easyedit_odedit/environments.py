@@ -224,7 +224,7 @@ class EnvironmentBuilder:
         text_entries = [e for e in self.pool if e.image_path is None]
         image_entries = [e for e in self.pool if e.image_path is not None]
         text_rows = [Row("OUT_text", e.prompt, e.answer) for e in self._sample(text_entries, k * s.out_text)]
-        candidates = self._sample(image_entries, 4 * k * max(s.out_image, 1)) if s.out_image else []
+        candidates = self._sample(image_entries, s.near_miss_search * k * s.out_image) if s.out_image else []
         image_rows = [Row("OUT_image", e.prompt, e.answer, self._load_image(e.image_path)) for e in candidates]
         return {"text": text_rows, "image": image_rows}
 
@@ -257,36 +257,55 @@ class EnvironmentBuilder:
         radius = (view_feats - anchor).norm(dim=-1).max().item() if len(views) else 0.0
         dist = (cand_feats - anchor).norm(dim=-1)
         order = [i for i in dist.argsort().tolist() if dist[i].item() > radius]
-        if answers is not None:  # the nearest are where the same content hides
-            same = self.same_content(view, [candidates[i] for i in order[:quota]], answers)
-            order = [i for i, is_same in zip(order, same + [False] * len(order)) if not is_same]
         n_near = int(round(quota * s.near_miss_share))
-        near_idx = order[: max(n_near // 2, 1 if n_near else 0)]
+        near, same = self._nearest_distinct(view, candidates, order, max(n_near // 2, 1 if n_near else 0), answers)
         rows = []
-        for i in near_idx:  # same image, the edit's question (answer: the unedited model's)
-            rows.append(Row("OUT_near", view["prompt"], None, candidates[i].image))
+        for i, answer in near:  # the edit's question (target: the unedited model's answer) and its own
+            rows.append(Row("OUT_near", view["prompt"], answer, candidates[i].image))
             rows.append(Row("OUT_near", candidates[i].prompt, candidates[i].target, candidates[i].image))
-        far_idx = [i for i in order[len(near_idx):]]
+        used = {i for i, _ in near} | same
+        far_idx = [i for i in order if i not in used]
         self.rng.shuffle(far_idx)
         rows += [Row("OUT_far", candidates[i].prompt, candidates[i].target, candidates[i].image)
                  for i in far_idx[: quota - len(rows)]]
         return rows
 
+    def _nearest_distinct(self, view: dict, candidates: List[Row], order: List[int], wanted: int,
+                          answers: Optional[Callable[[List[Row]], List[str]]]):
+        """The ``wanted`` nearest candidates that do not show the edit's content, each with the
+        unedited model's answer to the edit's question on it, and the set of candidates found to
+        show it. Probed a few at a time, nearest first (the same content hides among the nearest),
+        so a 7B model answers about 3 x ``wanted`` probe rows, not 3 x the pool; farther candidates
+        are not probed."""
+        if answers is None:
+            return [(i, None) for i in order[:wanted]], set()
+        near, same, pos = [], set(), 0
+        while len(near) < wanted and pos < len(order):
+            batch = order[pos: pos + wanted - len(near) + 1]
+            pos += len(batch)
+            for i, (is_same, answer) in zip(batch, self.same_content(view, [candidates[i] for i in batch], answers)):
+                if is_same:
+                    same.add(i)
+                elif len(near) < wanted:
+                    near.append((i, answer))
+        return near, same
+
     @staticmethod
-    def same_content(view: dict, candidates: List[Row], answers: Callable[[List[Row]], List[str]]) -> List[bool]:
-        """Whether each candidate image shows, to the unedited model, what the edit image shows:
-        it answers the edit's question and the candidate's own question the same way on both.
-        Such an image is not a near miss - the edit must carry over to it - and training it to keep
-        its old answer would fight the edit (an image of the same object in another position lies
-        outside the augmentation radius as often as not). Only asked questions count, so a near miss
-        that differs in something neither question asks about is missed (conservative)."""
+    def same_content(view: dict, candidates: List[Row], answers: Callable[[List[Row]], List[str]]) -> List[tuple]:
+        """(shows the same content, the edit question's answer on it) for each candidate image. The
+        same content, to the unedited model: it answers the edit's question and the candidate's own
+        question the same way on both images. Such an image is not a near miss - the edit must carry
+        over to it - and training it to keep its old answer would fight the edit (an image of the
+        same object in another position lies outside the augmentation radius as often as not). Only
+        asked questions count, so a near miss that differs in something neither question asks about
+        is missed (conservative)."""
         probes = [Row("probe", view["prompt"], None, view["image"])]
         for c in candidates:
             probes += [Row("probe", view["prompt"], None, c.image), Row("probe", c.prompt, None, view["image"]),
                        Row("probe", c.prompt, None, c.image)]
         said = answers(probes)
         edit_answer, per_candidate = said[0], [said[1 + 3 * j: 4 + 3 * j] for j in range(len(candidates))]
-        return [on_c == edit_answer and own_on_edit == own_on_c for on_c, own_on_edit, own_on_c in per_candidate]
+        return [(on_c == edit_answer and own_on_edit == own_on_c, on_c) for on_c, own_on_edit, own_on_c in per_candidate]
 
 
 POOL_IMAGE_CACHE_SIZE = 512  # at most ~25 MB at 64 pixels, ~0.8 GB at 364 (a model without a fixed size)

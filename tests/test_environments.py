@@ -11,9 +11,10 @@ def _image(value):
     return torch.full((3, 8, 8), float(value))
 
 
-def test_same_content_images_are_neither_near_misses_nor_far_rows():
+def test_the_near_miss_is_the_nearest_image_of_other_content_and_same_content_is_left_out():
     """Pool images 0..5 at increasing feature distance; 0 and 2 show the edit's content (the
-    model answers both questions on them as on the edit image), 1 and 3 differ in colour or shape."""
+    model answers both questions on them as on the edit image), 1 and 3 differ in colour or shape.
+    Candidates are probed nearest first until enough near misses are found (here 0 and 1)."""
     edit_image = _image(0)
     content = {0: ("red", "circle"), 1: ("blue", "circle"), 2: ("red", "circle"), 3: ("red", "square"),
                4: ("green", "square"), 5: ("gray", "circle")}
@@ -36,7 +37,8 @@ def test_same_content_images_are_neither_near_misses_nor_far_rows():
     used = {int(r.image.mean().item()) - 1 for r in rows}
     near = {int(r.image.mean().item()) - 1 for r in rows if r.env == "OUT_near"}
     assert near == {1}  # the nearest image that differs; 0 (nearer) shows the same content
-    assert used.isdisjoint({0, 2})  # same content never trained to keep its old answer
+    assert used.isdisjoint({0})  # same content (found while looking for near misses) never kept as it was
+    assert [r.target for r in rows if r.env == "OUT_near" and r.prompt == EDIT_Q] == ["blue"]  # the probe's answer
 
     without = builder.near_and_far(view, [], candidates, features)  # no model to ask: distance only
     assert {int(r.image.mean().item()) - 1 for r in without if r.env == "OUT_near"} == {0}
@@ -51,7 +53,7 @@ def test_same_content_asks_both_questions_on_both_images():
 
     view = {"prompt": EDIT_Q, "image": _image(0)}
     same = EnvironmentBuilder.same_content(view, [Row("OUT_image", OWN_Q, "a", _image(7))], answers)
-    assert same == [True]  # every answer agrees
+    assert same == [(True, "x")]  # every answer agrees
     assert sorted(seen_probes) == sorted([(EDIT_Q, 0), (EDIT_Q, 7), (OWN_Q, 0), (OWN_Q, 7)])
 
 

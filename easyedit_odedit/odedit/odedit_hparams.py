@@ -41,6 +41,7 @@ class EnvironmentSettings:
     out_image: int = 4          # image locality prompts drawn each step
     pool_factor: int = 2        # the per-edit pool holds pool_factor x the per-step count
     near_miss_share: float = 0.5  # share of OUT image prompts that are near misses
+    near_miss_search: int = 2   # pool images searched per OUT image row of the per-edit pool (encoded once)
     locality_pool: Optional[str] = None   # train-split E-VQA/E-IC JSON, or a JSON list of prompts
     locality_image_root: Optional[str] = None  # image root for the pool (default: coco_image)
     paraphrases: Optional[str] = None     # "pkg.module:function" or a JSON {prompt: [variants]}
@@ -316,10 +317,11 @@ def _validate_settings(hp: ODEditHyperParams, where: str) -> None:
         if value not in choices:
             raise ODEditError(f"{where}: {section}.{key}", value, f"use one of: {', '.join(choices)}")
     counts = {k: getattr(hp.environments, k) for k in ("se_text", "se_image", "se_joint", "out_text",
-                                                       "out_image", "pool_factor")}
+                                                       "out_image", "pool_factor", "near_miss_search")}
     for key, value in counts.items():
-        if value < 0 or (key == "pool_factor" and value < 1):
-            raise ODEditError(f"{where}: environments.{key}", value, "use a non-negative count (pool_factor >= 1)")
+        if value < 0 or (key in ("pool_factor", "near_miss_search") and value < 1):
+            raise ODEditError(f"{where}: environments.{key}", value,
+                              "use a non-negative count (pool_factor and near_miss_search >= 1)")
     if not 0.0 <= hp.environments.near_miss_share <= 1.0:
         raise ODEditError(f"{where}: environments.near_miss_share", hp.environments.near_miss_share,
                           "use a fraction between 0 and 1")
