@@ -31,11 +31,10 @@ from easyedit_odedit.models import hf_native  # noqa: E402
 
 def evaluator(editor):
     """EasyEdit's per-record evaluation function for this editor's model."""
-    if compat.flavour() == compat.MAIN:
-        mod = compat.module("evaluate.multimodal_evaluate")
-        native = hf_native.is_native(editor.model)
-        return mod.compute_multimodal_hf_edit_results if native else mod.compute_multimodal_edit_results
-    return compat.module("evaluate.evaluate").compute_multimodal_edit_results
+    mod = compat.multimodal_evaluation()
+    if hf_native.is_native(editor.model):  # GitHub main's HF models
+        return mod.compute_multimodal_hf_edit_results
+    return mod.compute_multimodal_edit_results
 
 
 def top1(output) -> np.ndarray:

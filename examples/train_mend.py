@@ -23,11 +23,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = os.path.join(ROOT, "easyedit_odedit", "assets", "minimmedit-base")
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iters", type=int, default=16, help="EasyEdit runs round(iters / 8) epochs of the 8 records")
     parser.add_argument("--work", default="results/examples/mend")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     data = write_benchmark(MODEL, os.path.join(args.work, "data"), n_train=8, n_test=2, seed=0, pool_images=200)
 
     host = yaml.safe_load(open(os.path.join(ROOT, "hparams/TRAINING/MEND/tiny-host.yaml")))
@@ -61,7 +61,9 @@ def main():
     changed = [k for k, v in editor.model.state_dict().items() if not torch.equal(before[k], v)]
     print("MEND + ODEdit edit changed:", changed)
     restore()
-    print("restored bit-identically:", all(torch.equal(before[k], v) for k, v in editor.model.state_dict().items()))
+    restored = all(torch.equal(before[k], v) for k, v in editor.model.state_dict().items())
+    print("restored bit-identically:", restored)
+    return {"odedit_logs": trainer._odedit_logs, "changed": changed, "restored": restored}
 
 
 if __name__ == "__main__":
