@@ -1,6 +1,8 @@
 """MEND meta-training with the ODEdit objective through EasyEdit's own MultimodalTrainer."""
+import gc
 import json
 import os
+import weakref
 
 import torch
 import yaml
@@ -84,11 +86,15 @@ def test_mend_edit_then_odedit_refine_restores_exactly(world, tmp_path):
     editor = MultimodalEditor.from_hparams(hp_edit)
     before = {k: v.clone() for k, v in editor.model.state_dict().items()}
     request = {"prompt": PROMPT, "target": "green", "image": torch.ones(3, 64, 64)}
-    _, restore = apply_odedit_to_multimodal_model(editor.model, editor.tok, [request], hp_edit, keep_original_weight=True)
+    restore = apply_odedit_to_multimodal_model(editor.model, editor.tok, [request], hp_edit, keep_original_weight=True)[1]
     changed = [k for k, v in editor.model.state_dict().items() if not torch.equal(before[k], v)]
     assert changed == host["inner_params"]
     restore()
     assert all(torch.equal(before[k], v) for k, v in editor.model.state_dict().items())
+    model = weakref.ref(editor.model)  # the MEND executor ODEdit keeps does not keep the model alive
+    del editor, restore
+    gc.collect()
+    assert model() is None
 
 
 def test_mend_edits_do_not_depend_on_evaluation_fields(world, tmp_path):

@@ -90,7 +90,7 @@ def _as_easyedit_reads_its_yaml(mapping: Dict[str, Any], where: str) -> Dict[str
     return mapping
 
 
-_EXECUTORS: Dict[tuple, Any] = {}
+EXECUTORS_ATTRIBUTE = "_odedit_mend_executors"
 
 
 class EasyEditRefineHost:
@@ -117,12 +117,14 @@ class EasyEditRefineHost:
 
     def _executor(self, model):
         """One executor per (model, archive): EasyEdit's module-level executors cache the first
-        model they saw, which would silently edit the wrong model in a second editor."""
-        key = (id(model), str(self.hparams.archive))
-        if key not in _EXECUTORS:
-            mend_main = compat.module("models.mend.mend_main")
-            _EXECUTORS[key] = mend_main.MendMultimodalRewriteExecutor()
-        return _EXECUTORS[key]
+        model they saw, which would silently edit the wrong model in a second editor. Kept on the
+        model itself (a plain attribute, not a submodule), so it goes when the model goes; a
+        module-level table would keep every model alive."""
+        executors = model.__dict__.setdefault(EXECUTORS_ATTRIBUTE, {})
+        key = str(self.hparams.archive)
+        if key not in executors:
+            executors[key] = compat.module("models.mend.mend_main").MendMultimodalRewriteExecutor()
+        return executors[key]
 
     def run_host(self, model, tok, view: dict, rows=(), undo=None) -> None:
         """``rows``/``undo`` are unused: MEND changes existing weights only, which ODEdit's originals cover."""
