@@ -73,3 +73,35 @@ def test_pool_prompts_follow_the_file_kind(tmp_path):
     assert pool("vqa.json", "what color is it?") == {VQA_TEMPLATE.format("what color is it?"),
                                                      VQA_TEMPLATE.format("what is it?")}
     assert pool("caption.json", "a photo of") == {"a photo of", VQA_TEMPLATE.format("what is it?")}
+
+
+def test_unedited_answers_decode_sub_word_tokens_together():
+    """A greedy answer of several sub-word tokens is decoded as one string ("sunflower"), not
+    joined with spaces ("sun flower"), so it re-tokenises to what the model produced."""
+    from types import SimpleNamespace
+
+    from easyedit_odedit.odedit.odedit_main import unedited_answers
+
+    pieces = {7: "sun", 8: "flower"}
+
+    class Tokenizer:
+        def __call__(self, text):
+            return {"input_ids": text.split()}
+
+        def decode(self, ids, skip_special_tokens=False):
+            return "".join(pieces[i] for i in ids)
+
+    steps = iter([7, 8])
+
+    class Adapter:
+        tokenizer = Tokenizer()
+
+        def embed(self, texts, images, lens):
+            return SimpleNamespace()
+
+        def decode(self, batch, tail=None):
+            logits = torch.zeros(1, 1, 10)
+            logits[0, 0, next(steps)] = 1.0
+            return logits, None
+
+    assert unedited_answers(Adapter(), [Row("probe", "what is it ?", None)], n_tokens=2) == ["sunflower"]

@@ -236,14 +236,14 @@ def _fill_unedited_answers(adapter: MultimodalLMAdapter, rows: List[Row], n_toke
 @torch.no_grad()
 def unedited_answers(adapter: MultimodalLMAdapter, probes: List[Row], n_tokens: int) -> List[str]:
     """The model's greedy answer (``n_tokens`` tokens) to each row's prompt and image, batched."""
-    answers = [""] * len(probes)
-    if not probes:
-        return answers
-    for _ in range(max(n_tokens, 1)):
+    answers, ids = [""] * len(probes), [[] for _ in probes]
+    for _ in range(max(n_tokens, 1) if probes else 0):
         texts = [f"{r.prompt} {a}".rstrip() for r, a in zip(probes, answers)]
         lens = [len(adapter.tokenizer(t)["input_ids"]) for t in texts]
         batch = adapter.embed(texts, [r.image for r in probes], lens)
         logits, _ = adapter.decode(batch, tail=1)
-        next_ids = logits[:, -1].argmax(-1).tolist()
-        answers = [f"{a} {adapter.tokenizer.decode([t]).strip()}".strip() for a, t in zip(answers, next_ids)]
+        for row_ids, token in zip(ids, logits[:, -1].argmax(-1).tolist()):
+            row_ids.append(token)
+        # the tokens decoded together: a word split into sub-words comes back as one word
+        answers = [adapter.tokenizer.decode(row_ids, skip_special_tokens=True).strip() for row_ids in ids]
     return answers
