@@ -286,3 +286,19 @@ def test_restore_all_accepts_the_raw_native_model(world, tiny_model):
         assert restore_all(editor.model) > 0
     finally:
         restore_all(_unwrap(editor.model))
+
+
+def test_a_float16_checkpoint_is_loaded_for_editing(tmp_path):
+    """llava-hf checkpoints are stored in float16, which transformers 5 keeps: edits then underflow
+    to NaN. The loader edits them in bfloat16 on a GPU that has it, float32 otherwise."""
+    import transformers
+
+    from easyedit_odedit.models.loading import editing_dtype, load_adapter
+
+    path = save_tiny_arch(str(tmp_path / "llava"), "llava-1.5")
+    model = transformers.LlavaForConditionalGeneration.from_pretrained(path)
+    model.half().save_pretrained(path)
+    assert transformers.AutoConfig.from_pretrained(path).dtype == torch.float16
+    expected = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    assert load_adapter(path).dtype == expected
+    assert editing_dtype("bfloat16") == torch.bfloat16 and editing_dtype(torch.float32) == torch.float32

@@ -19,6 +19,7 @@ import json
 import os
 from typing import Optional
 
+import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
@@ -112,9 +113,24 @@ def _load_conv_llama(path: str, manifest: dict) -> MultimodalLMAdapter:
     return adapter.eval()
 
 
+def editing_dtype(stored) -> torch.dtype:
+    """The dtype a checkpoint is edited in. transformers 5 loads a checkpoint in its stored dtype,
+    and llava-hf's checkpoints are float16: small edit steps then underflow and the edit ends in NaN.
+    float16 is loaded as bfloat16 on a GPU that has it (same memory) and float32 otherwise; bfloat16
+    and float32 checkpoints stay as they are."""
+    stored = getattr(torch, str(stored).replace("torch.", ""), None) if stored is not None else None
+    if stored in (torch.bfloat16, torch.float32):
+        return stored
+    if stored == torch.float16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
 def _load_hf(path: str, model_type: str) -> MultimodalLMAdapter:
     model_cls = getattr(transformers, HF_ARCHITECTURES[model_type])
-    model = model_cls.from_pretrained(path)
+    stored = transformers.AutoConfig.from_pretrained(path)
+    stored = getattr(stored, "dtype", None) or getattr(stored, "torch_dtype", None)
+    model = model_cls.from_pretrained(path, dtype=editing_dtype(stored))
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     image_size = model.config.vision_config.image_size
     config = {"architecture": f"hf-{model_type}", "image_size": image_size, "hf_path": path}
