@@ -72,6 +72,18 @@ def write_world(root: str, n_records: int) -> dict:
     return paths
 
 
+def set_up(args, n_records: int):
+    """Work in ``args.work`` (EasyEdit writes logs/run.log in the current directory); the synthetic
+    world unless ``--data`` names real records; the hparams and EasyEdit's editor.
+    Returns (world or None, hparams, editor)."""
+    os.makedirs(args.work, exist_ok=True)
+    os.chdir(args.work)
+    args.work = "."
+    world = None if args.data else write_world("world", n_records=n_records)
+    hp = load_hparams(args, world)
+    return world, hp, build_editor(hp)
+
+
 def load_hparams(args, world: Optional[dict]) -> ODEditHyperParams:
     """The YAML as given, with the synthetic world's paths (and the tiny model) filled in when used."""
     path = args.hparams or TINY_YAML

@@ -29,12 +29,7 @@ from easyedit_odedit import restore_all  # noqa: E402
 
 def main(argv=None):
     args = C.parser(__doc__.splitlines()[0]).parse_args(argv)
-    os.makedirs(args.work, exist_ok=True)
-    os.chdir(args.work)  # EasyEdit writes logs/run.log in the current directory
-    args.work = "."
-    world = None if args.data else C.write_world("world", n_records=3)
-    hp = C.load_hparams(args, world)
-    editor = C.build_editor(hp)
+    world, hp, editor = C.set_up(args, n_records=3)
     recs = C.records(args, world)
     start = time.time()
     if C.flavour() == "main":

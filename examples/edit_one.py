@@ -24,12 +24,7 @@ import _common as C  # noqa: E402
 
 def main(argv=None):
     args = C.parser(__doc__.splitlines()[0]).parse_args(argv)
-    os.makedirs(args.work, exist_ok=True)
-    os.chdir(args.work)  # EasyEdit writes logs/run.log in the current directory
-    args.work = "."
-    world = None if args.data else C.write_world("world", n_records=1)
-    hp = C.load_hparams(args, world)
-    editor = C.build_editor(hp)
+    world, hp, editor = C.set_up(args, n_records=1)
     record = C.records(args, world)[0]
     before = {k: v.detach().clone() for k, v in editor.model.state_dict().items()}
     metrics, _, _ = editor.edit(**C.edit_arguments(hp, [record], args), keep_original_weight=True, verbose=False)

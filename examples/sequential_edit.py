@@ -54,12 +54,7 @@ def main(argv=None):
     p = C.parser(__doc__.splitlines()[0])
     p.add_argument("-T", type=int, default=5, help="number of sequential edits (the paper uses 5 and 10)")
     args = p.parse_args(argv)
-    os.makedirs(args.work, exist_ok=True)
-    os.chdir(args.work)  # EasyEdit writes logs/run.log in the current directory
-    args.work = "."
-    world = None if args.data else C.write_world("world", n_records=args.T)
-    hp = C.load_hparams(args, world)
-    editor = C.build_editor(hp)
+    world, hp, editor = C.set_up(args, n_records=args.T)
     recs = C.records(args, world)[: args.T]
     kw = C.edit_arguments(hp, recs, args)
     with compat.host_scope():
