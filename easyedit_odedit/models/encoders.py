@@ -30,14 +30,16 @@ class ConvGridEncoder(nn.Module):
 
 class LlavaImageEncoder(nn.Module):
     """LLaVA's own vision tower + projector, called through ``get_image_features``. The LLaVA model
-    is registered once, as the adapter's language model; this only keeps a reference to it."""
+    is registered once, as the adapter's language model; this only keeps a reference to it, inside a
+    tuple: EasyEdit's MEND copies a module's plain attributes onto its functional copy, and would
+    register a bare module reference there as a child it never patched (training then fails)."""
 
     def __init__(self, llava_model: nn.Module):
         super().__init__()
-        self.__dict__["_llava"] = llava_model
+        self._llava = (llava_model,)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return _features(self._llava.get_image_features(pixel_values=pixel_values))
+        return _features(self._llava[0].get_image_features(pixel_values=pixel_values))
 
 
 class QFormerImageEncoder(nn.Module):
