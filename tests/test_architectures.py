@@ -71,6 +71,8 @@ def _yaml_cases():
             host = yaml.safe_load(open(path))["host"]
             if host in ADAPTER_HOSTS:  # they add modules instead of changing weights: test_easyedit_adapter_hosts.py
                 continue
+            if host == "MEND":  # needs a meta-trained archive first: test_mend_architectures.py
+                continue
             marks = [pytest.mark.skipif(main_only and not MAIN, reason="GitHub main's HF model path only")]
             if (arch, host) in KNOWN_DEFECTS:
                 marks.append(pytest.mark.xfail(strict=True, reason=KNOWN_DEFECTS[arch, host]))

@@ -7,7 +7,9 @@ from easyedit_odedit import ODEditError, ODEditHyperParams, compat
 from easyedit_odedit.hosts.easyedit_adapters import ADAPTER_HOSTS
 from easyedit_odedit.hosts.easyedit_native import EASYEDIT_HOSTS
 
-SHIPPED = sorted(glob.glob("hparams/ODEdit/*.yaml", root_dir=__file__.rsplit("/tests/", 1)[0]))
+_ROOT = __file__.rsplit("/tests/", 1)[0]
+SHIPPED = sorted(glob.glob("hparams/ODEdit/*.yaml", root_dir=_ROOT)
+                 + glob.glob("hparams/TRAINING/ODEdit/*.yaml", root_dir=_ROOT))
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -19,4 +21,4 @@ def test_shipped_yaml_loads(name):
             ODEditHyperParams.from_hparams(f"{root}/{name}")
         return
     hp = ODEditHyperParams.from_hparams(f"{root}/{name}")
-    assert hp.alg_name == "ODEdit" and hp.host in ("FT-L", "FT-V", "LoRA", *ADAPTER_HOSTS)
+    assert hp.alg_name == "ODEdit" and hp.host in ("FT-L", "FT-V", "LoRA", "MEND", *ADAPTER_HOSTS)
