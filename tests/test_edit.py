@@ -123,3 +123,28 @@ def test_same_seed_same_weights(world):
         runs.append(state(editor.model))
         restore()
     assert same(*runs)
+
+
+def test_a_chat_layout_wraps_the_prompt_and_masks_all_but_the_target(world):
+    """LLaVA-1.5 rows read "[BOS] USER: [image] \\n prompt ASSISTANT: target"; only the target is
+    labelled, with and without an image, and the prompt's count is EasyEdit's."""
+    from easyedit_odedit.models.adapter import IGNORE
+    from easyedit_odedit.models.loading import load_adapter
+
+    adapter = load_adapter(str(world / "model"))
+    tok = adapter.tokenizer
+    prompt, target = "what color is the shape ?", "green"
+    n_prompt = len(tok(prompt)["input_ids"])
+    plain = adapter.embed([f"{prompt} {target}"], [torch.rand(3, 64, 64)], [n_prompt])
+    adapter.config["chat"] = {"user": "question", "image_end": ":", "assistant": "short answer :"}
+    chat = adapter.embed([f"{prompt} {target}"] * 2, [torch.rand(3, 64, 64), None], [n_prompt] * 2)
+    extra = len(tok("question :", add_special_tokens=False)["input_ids"]) + len(tok("short answer :", add_special_tokens=False)["input_ids"])
+    assert chat.attention_mask[0].sum() == plain.attention_mask[0].sum() + extra
+    target_ids = tok(target, add_special_tokens=False)["input_ids"]
+    for row in range(2):
+        labels = chat.labels[row][chat.attention_mask[row].bool()].tolist()
+        assert [x for x in labels if x != IGNORE] == target_ids and labels[-len(target_ids):] == target_ids
+    ids = tok("short answer :", add_special_tokens=False)["input_ids"]
+    embeds = adapter.language_model.get_input_embeddings()(torch.tensor(ids))
+    before_target = chat.inputs_embeds[1, -len(target_ids) - len(ids):-len(target_ids)]
+    assert torch.allclose(before_target, embeds)  # the assistant tag sits right before the target

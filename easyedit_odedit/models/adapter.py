@@ -151,22 +151,44 @@ class MultimodalLMAdapter(nn.Module):
         return out if images.dim() == 4 else out[0]
 
     def embed(self, texts: Sequence[str], images, prompts_len: Sequence[int]) -> EmbeddedBatch:
-        """Tokenise, mask prompts, embed, and lay out ``[pad][image][text]`` rows."""
+        """Tokenise, mask prompts, embed, and lay out ``[pad][image][text]`` rows (with a ``chat``
+        config: ``[pad][BOS user][image][image_end prompt assistant][target]``, see ``chat_ids``)."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         ids = [self.tokenizer(t)["input_ids"] for t in texts]
         image_embeds = self._image_rows(images, len(texts))
         token_embeds = self.language_model.get_input_embeddings()
         rows, labels = [], []
         for i, row_ids in enumerate(ids):
-            text = token_embeds(torch.tensor(row_ids, device=self.device))
-            n_prompt = int(prompts_len[i])
-            row_labels = [IGNORE] * min(n_prompt, len(row_ids)) + row_ids[n_prompt:]
+            before, after, n_masked = self.chat_ids(row_ids, int(prompts_len[i]), image_embeds[i] is not None)
+            parts = [token_embeds(torch.tensor(before, device=self.device))] if before else []
             if image_embeds[i] is not None:
-                text = torch.cat([image_embeds[i], text], dim=0)
-                row_labels = [IGNORE] * image_embeds[i].shape[0] + row_labels
-            rows.append(text)
-            labels.append(row_labels)
+                parts.append(image_embeds[i])
+            parts.append(token_embeds(torch.tensor(after, device=self.device)))
+            n_before = len(before) + (image_embeds[i].shape[0] if image_embeds[i] is not None else 0)
+            rows.append(torch.cat(parts, dim=0))
+            labels.append([IGNORE] * (n_before + min(n_masked, len(after))) + after[n_masked:])
         return self._left_pad(rows, labels)
+
+    def chat_ids(self, ids: List[int], n_prompt: int, has_image: bool):
+        """(token ids before the image, token ids after it, how many of those are prompt).
+
+        Without a ``chat`` entry in the config the whole text follows the image. With one (e.g.
+        LLaVA-1.5's ``{"user": "USER: ", "image_end": "\n", "assistant": " ASSISTANT:"}``) the
+        row reads as the model was instruction-tuned: BOS and the user tag before the image, the
+        prompt, the assistant tag, then the target. ``n_prompt`` counts the prompt's tokens as
+        EasyEdit does (BOS included when the tokenizer adds one)."""
+        chat = self.config.get("chat")
+        if not chat:
+            return [], list(ids), n_prompt
+        piece = self._chat_piece
+        bos = list(ids[:1]) if ids and ids[0] == self.tokenizer.bos_token_id else []
+        body, n_body = list(ids[len(bos):]), max(n_prompt - len(bos), 0)
+        before = bos + piece(chat.get("user", ""))
+        after = (piece(chat.get("image_end", "")) if has_image else []) + body[:n_body] + piece(chat.get("assistant", ""))
+        return before, after + body[n_body:], len(after)
+
+    def _chat_piece(self, text: str) -> List[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
     def _image_rows(self, images, n: int) -> List[Optional[torch.Tensor]]:
         if images is None:

@@ -113,6 +113,10 @@ def _load_conv_llama(path: str, manifest: dict) -> MultimodalLMAdapter:
     return adapter.eval()
 
 
+# LLaVA-1.5's instruction format, "USER: <image>\n{prompt} ASSISTANT: {answer}" (llava-hf model cards)
+LLAVA_CHAT = {"user": "USER: ", "image_end": "\n", "assistant": " ASSISTANT:"}
+
+
 def editing_dtype(stored) -> torch.dtype:
     """The dtype a checkpoint is edited in. transformers 5 loads a checkpoint in its stored dtype,
     and llava-hf's checkpoints are float16: small edit steps then underflow and the edit ends in NaN.
@@ -135,6 +139,7 @@ def _load_hf(path: str, model_type: str) -> MultimodalLMAdapter:
     image_size = model.config.vision_config.image_size
     config = {"architecture": f"hf-{model_type}", "image_size": image_size, "hf_path": path}
     if model_type == "llava":
+        config["chat"] = LLAVA_CHAT
         return MultimodalLMAdapter(LlavaImageEncoder(model), model, tokenizer, image_size, config).eval()
     return MultimodalLMAdapter(Blip2ImageEncoder(model), model.language_model, tokenizer, image_size, config).eval()
 
