@@ -349,3 +349,42 @@ def test_twenty_edits_leak_no_fd_handler_tensor_or_memory(editor, world):
     assert grown < 256 * 1024, f"tracemalloc grew by {grown} bytes over 20 edits"
     assert _rss_kib() - rss < 64 * 1024, f"RSS grew by {(_rss_kib() - rss) / 1024:.1f} MiB over 20 edits"
     assert same(before, state(editor.model))
+
+
+def test_edited_parameters_the_request_does_not_reach_are_a_clear_error(world):
+    """FT-V edits the projector; a text-only request with text-only environments never reaches it.
+    ODEdit says so (and leaves the weights as they were) instead of torch's "does not require grad"."""
+    from easyedit_odedit.odedit.odedit_main import apply_odedit_to_multimodal_model
+
+    hp = ODEditHyperParams.from_hparams(write_yaml(world, "FT-V", {"num_steps": 2, "lr": 0.1, "modules": ["projector"]},
+                                                   environments={"locality_pool": str(world / "pool.json"),
+                                                                 "out_image": 0, "se_image": 0, "se_joint": 0}))
+    editor = MultimodalEditor.from_hparams(hp)
+    before = {k: v.clone() for k, v in editor.model.state_dict().items()}
+    with pytest.raises(ODEditError, match="do not affect this request"):
+        apply_odedit_to_multimodal_model(editor.model, editor.tok, [{"prompt": PROMPT, "target": "green", "image": None}],
+                                         hp, keep_original_weight=True)
+    assert all(torch.equal(before[k], v) for k, v in editor.model.state_dict().items())
+
+
+def test_re_embedded_steps_narrower_than_the_pool_edit(world):
+    """FT-V re-embeds the sampled rows every step; a sample without the pool's longest row pads to
+    less than the positions the risks read (found by the fuzz test: a mask/logits shape error)."""
+    from easyedit_odedit.environments import Row
+    from easyedit_odedit.models.loading import load_adapter
+    from easyedit_odedit.odedit.objective import EditRows
+    from easyedit_odedit.registry import build_host
+
+    hp = ODEditHyperParams.from_hparams(write_yaml(world, "FT-V", {"num_steps": 1, "lr": 0.05, "modules": ["projector"]},
+                                                   risks={"kl_positions": "all"}))  # every position is read
+    adapter = load_adapter(str(world / "model"))
+    image = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))
+    rows = [Row("IN", PROMPT, "green", image),
+            Row("SE_text", "please answer . please answer . " + PROMPT, "green", image),  # the longest row
+            Row("OUT_text", "what is two plus two ?", "four")]
+    params = build_host(hp).prepare(adapter)
+    objective = ODEditObjective(adapter, EditRows(adapter, rows, "all"), params, hp, 0.05)
+    before = {k: p.detach().clone() for k, p in params.items()}
+    logs = objective.update([0, 2])  # a step without the longest row
+    assert all(torch.isfinite(torch.tensor(v)) for v in logs.values())
+    assert any(not torch.equal(before[k], p) for k, p in params.items())

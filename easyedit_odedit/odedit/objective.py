@@ -14,7 +14,7 @@ import torch
 from .. import penalty as tv
 from .. import risks
 from ..environments import Row
-from ..errors import ODEditNumericalError
+from ..errors import ODEditError, ODEditNumericalError
 from ..models.adapter import EmbeddedBatch, MultimodalLMAdapter
 from ..prefix_cache import (LastModuleCache, PrefixCache, decoder_layers, edited_submodule, final_norm_of,
                             lowest_edited_layer)
@@ -164,10 +164,11 @@ class ODEditObjective:
         model on OUT rows - and its gradient in the classifier scale omega (the TV penalty's g_e),
         from every compared position at once; ``group`` is each row's environment. Two [n_groups]."""
         out = self.rows.is_out[rows]
+        width = logits.shape[1]  # < tail when re-embedded rows pad to less: rows are left-padded, align right
         nll_at = risks.answer_positions(batch.labels)[:, :-1] & ~out[:, None]
-        kl_at = self.rows.compare_tail[rows]
+        kl_at = self.rows.compare_tail[rows][:, -width:]
         nll_logits, targets = logits[:, :-1][nll_at], batch.labels[:, 1:][nll_at]
-        kl_logits, pre = logits[kl_at], self.rows.pre_log_probs[self.rows.pre_index[rows][kl_at]]
+        kl_logits, pre = logits[kl_at], self.rows.pre_log_probs[self.rows.pre_index[rows][:, -width:][kl_at]]
         direction = self.hp.risks.kl_direction
         values = torch.cat([torch.nn.functional.cross_entropy(nll_logits.float(), targets, reduction="none"),
                             risks.kl_per_position(kl_logits, pre, direction)])
@@ -261,6 +262,10 @@ class ODEditObjective:
         if not torch.isfinite(objective):
             raise ODEditNumericalError(f"ODEdit objective is {objective.item()} at step {self.step}; "
                                        "lower the learning rate or penalty.weight")
+        if not objective.requires_grad:
+            raise ODEditError("host_hparams", sorted(self.params)[:3], "edit parameters the request goes through "
+                              "(FT-V and the projector need a request with an image; FT-L/LoRA edit the language "
+                              "model)", problem="selects parameters that do not affect this request")
         self.optimizer.zero_grad(set_to_none=True)
         (objective + dual).backward()
         # the total norm says whether any gradient is non-finite (and clips, when asked)
