@@ -34,7 +34,8 @@ class ODEditTrainable:
             from .errors import ODEditError
 
             raise ODEditError("host", "SERAC", "SERAC_MULTI reads the Q-Former of EasyEdit's own LAVIS BLIP-2/MiniGPT-4 "
-                              "classes (model.Qformer, model.query_tokens); use MEND with plugin-loaded models",
+                              "classes (model.Qformer, model.query_tokens), which the plugin's models do not have and "
+                              "which cannot be built with transformers 5; use MEND (alg: ODEdit, host: MEND)",
                               problem="needs EasyEdit's LAVIS model")
         host_cls = compat.alg_train_dict()[host_alg]
         return host_cls(model, config, model_constructor)

@@ -148,3 +148,18 @@ def test_a_mend_archive_for_another_model_is_a_clear_error(world, tmp_path):
     (tmp_path / "junk").write_text("not an archive")
     with pytest.raises(ODEditError, match="could not be read"):
         _check_archive_matches(str(tmp_path / "junk"), model, inner)
+
+
+def test_serac_on_a_plugin_model_is_a_clear_error(world):
+    """EasyEdit's SERAC_MULTI reads LAVIS internals (model.Qformer); on a plugin model the ODEdit
+    trainable says so before EasyEdit fails deep inside."""
+    from types import SimpleNamespace
+
+    import pytest
+
+    from easyedit_odedit import ODEditError
+    from easyedit_odedit.models.loading import load_adapter
+    from easyedit_odedit.trainer import ODEditTrainable
+
+    with pytest.raises(ODEditError, match="SERAC.*MEND"):
+        ODEditTrainable(load_adapter(str(world / "model")), SimpleNamespace(host_params_alg="SERAC_MULTI"), None)
