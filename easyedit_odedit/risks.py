@@ -25,12 +25,6 @@ def reliability_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                            labels[:, 1:].reshape(-1), ignore_index=IGNORE)
 
 
-def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """[B, T-1]: -log p(label_{t+1} | logits_t) at every position (0 where the label is ignored)."""
-    return F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), labels[:, 1:], ignore_index=IGNORE,
-                           reduction="none")
-
-
 def kl_per_position(post_logits: torch.Tensor, pre_log_probs: torch.Tensor, direction: str = "post_pre") -> torch.Tensor:
     """[N]: KL(p_edited || p_unedited) at each compared position; ``pre_post`` gives EasyEdit's
     KL(p_unedited || p_edited). Inputs are [N, V] rows of the positions compared."""

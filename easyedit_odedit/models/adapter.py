@@ -134,6 +134,7 @@ class MultimodalLMAdapter(nn.Module):
                 memo[id(im)] = (im, enc)  # the tensor is kept with it, so its id cannot be reused
         return [memo[id(im)][1] for im in images]
 
+    @torch.no_grad()
     def image_features(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
         """[N, D]: each image's mean image-token embedding, for images of any sizes. One batched
         pass after resizing to the model's own size (one pass per image cost most of an edit's

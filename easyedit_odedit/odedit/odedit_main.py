@@ -209,14 +209,10 @@ def build_rows(adapter: MultimodalLMAdapter, view: dict, hparams, seed: int) -> 
 
     n_tokens = len(adapter.tokenizer(view["target"])["input_ids"])
 
-    def image_features(images):
-        with torch.no_grad():
-            return adapter.image_features(images)
-
     def answers(probes):
         return unedited_answers(adapter, probes, n_tokens)
 
-    rows += out["text"] + builder.near_and_far(view, rows, out["image"], image_features, answers)
+    rows += out["text"] + builder.near_and_far(view, rows, out["image"], adapter.image_features, answers)
     _fill_unedited_answers(adapter, rows, n_tokens)
     return rows
 
