@@ -163,3 +163,44 @@ def test_serac_on_a_plugin_model_is_a_clear_error(world):
 
     with pytest.raises(ODEditError, match="SERAC.*MEND"):
         ODEditTrainable(load_adapter(str(world / "model")), SimpleNamespace(host_params_alg="SERAC_MULTI"), None)
+
+
+def test_mend_executor_gives_each_weight_its_own_learned_edit_lr(world, tmp_path):
+    """MEND learns one edit lr per inner parameter, paired by the order the config lists them.
+    EasyEdit's PyPI executor paired them by the model's parameter order instead, so with
+    ``down_proj`` listed before ``up_proj`` (as EasyEdit's own YAMLs do) each weight got the other's
+    lr. Here the archive's lr for ``up_proj`` is 0: the edit must change ``down_proj`` only."""
+    from easyeditor import MultimodalEditor, MultimodalTrainer
+
+    from easyedit_odedit.hosts.easyedit_native import build_easyedit_hparams
+    from easyedit_odedit.odedit.odedit_main import apply_odedit_to_multimodal_model
+    from tests.conftest import PROMPT
+
+    down, up = "language_model.model.layers.0.mlp.down_proj.weight", "language_model.model.layers.0.mlp.up_proj.weight"
+    host = yaml.safe_load(open(os.path.join(ROOT, "hparams/TRAINING/MEND/tiny-host.yaml")))
+    host.update(inner_params=[down, up], max_iters=4, val_interval=2, val_steps=1)
+    fields = {"model_name": "blip2", "name": str(world / "model"), "tokenizer_name": str(world / "model"),
+              "tokenizer_class": "PreTrainedTokenizerFast", "coco_image": str(world), "rephrase_image": str(world),
+              "results_dir": str(tmp_path / "results"), "device": 0}
+    hp = build_easyedit_hparams("MEND", dict(host, alg="MEND"), fields, "test")
+    VQADataset = compat.module("dataset.vqa").VQADataset
+    train = VQADataset(_vqa_json(world, tmp_path / "train.json", 4), config=hp)
+    MultimodalTrainer(config=hp, train_set=train, val_set=train).run()
+    archive = tmp_path / "results" / "models" / "MEND" / "blip2"
+    with compat.host_scope():
+        state = torch.load(archive, map_location="cpu", weights_only=False)
+    state["model"]["edit_lrs"] = torch.tensor([1e-2, 0.0])  # [down_proj, up_proj], as listed
+    torch.save(state, archive)
+
+    edit_host = {k: v for k, v in host.items() if k not in ("alg", "batch_size", "max_iters")}
+    edit_host.update(archive=str(archive), lr_scale=1.0, alg_name="MEND")
+    config = {"host": "MEND", "host_hparams": edit_host, "enabled": False, "optimiser": {"steps": 0},
+              "environments": {"locality_pool": str(world / "pool.json")}, **fields}
+    hp_edit = ODEditHyperParams.from_dict(config)
+    editor = MultimodalEditor.from_hparams(hp_edit)
+    before = {k: v.clone() for k, v in editor.model.state_dict().items()}
+    request = {"prompt": PROMPT, "target": "green", "image": torch.ones(3, 64, 64)}
+    restore = apply_odedit_to_multimodal_model(editor.model, editor.tok, [request], hp_edit, keep_original_weight=True)[1]
+    changed = [k for k, v in editor.model.state_dict().items() if not torch.equal(before[k], v)]
+    restore()
+    assert changed == [down]
