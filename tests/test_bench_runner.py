@@ -119,3 +119,27 @@ def test_bench_config_errors_name_the_problem(tmp_path):
     with pytest.raises(BenchConfigError, match="n_test"):
         load_config({"hosts": {"FT-L": os.path.join(ROOT, "hparams/ODEdit/minimmedit-ft-l.yaml")},
                      "records": {"n_test": 3}, "settings": {"single": {"n": 5}}})
+
+
+def test_mend_meta_training_is_reproducible(bench, tmp_path):
+    """EasyEdit's trainer draws MEND's initial weights and the batch order from the global torch
+    generator and ignores ``seed``: the runner seeds it for the training (and leaves it as it was),
+    so the same seed gives the same archive whatever ran before."""
+    import torch
+
+    from easyedit_odedit.benchmark.run import SHIPPED_MODEL, train_mend
+
+    out, _ = bench
+    with open(out / "data" / "seed3" / "manifest.json") as f:
+        data = json.load(f)
+    mend = {"yaml": os.path.join(ROOT, "hparams/bench/minimmedit-mend-host.yaml"), "val_records": 2,
+            "train": {"max_iters": 6, "val_interval": 3, "val_steps": 1, "batch_size": 2, "val_batch_size": 2}}
+    archives = []
+    for i in range(2):
+        torch.rand(7 + i)  # whatever ran before moves the global generator
+        state = torch.get_rng_state()
+        training = train_mend(mend, "MEND", data, SHIPPED_MODEL, 3, str(tmp_path / f"run{i}"), progress=False)
+        assert torch.equal(torch.get_rng_state(), state)
+        archives.append(torch.load(training["archive"], map_location="cpu", weights_only=False)["model"])
+    tensors = [k for k, v in archives[0].items() if torch.is_tensor(v)]
+    assert tensors and all(torch.equal(archives[0][k], archives[1][k]) for k in tensors)
