@@ -44,23 +44,33 @@ def tv_penalty(env_risks: Sequence[torch.Tensor], scale: torch.Tensor) -> torch.
 # position, so every environment's gradient is a plain function of the logits: no second autograd
 # graph (create_graph) is needed, and the penalty's own gradient comes out of the step's one
 # backward pass. ``tests/test_objective_math.py`` checks these against ``tv_penalty``'s autograd.
-def nll_omega_gradient(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """[N]: d/d omega of -log softmax(omega z)[y] at omega = 1, i.e. E_p[z] - z_y."""
-    z = logits.float()
-    return (z.softmax(-1) * z).sum(-1) - z.gather(-1, targets[:, None])[:, 0]
+def risks_and_omega_gradients(logits: torch.Tensor, targets: torch.Tensor, pre_log_probs: torch.Tensor,
+                               direction: str = "post_pre"):
+    """Each compared position's risk and its d/d omega at omega = 1, from one log-softmax.
 
-
-def kl_omega_gradient(logits: torch.Tensor, pre_log_probs: torch.Tensor, direction: str = "post_pre") -> torch.Tensor:
-    """[N]: d/d omega of the per-position KL at omega = 1. post_pre, KL(p || q):
-    sum_v z_v p_v (log p_v - log q_v - KL); pre_post, KL(q || p): sum_v z_v (p_v - q_v)."""
+    ``logits`` [N, V]: the first ``len(targets)`` rows are NLL positions (IN/SE rows), the rest KL
+    positions (OUT rows, unedited log-probs ``pre_log_probs``). With p = softmax(z), E_p[z] = sum p z:
+      NLL  -log p_y                          d/d omega: E_p[z] - z_y
+      KL(p || q) = sum p (log p - log q)     d/d omega: sum z p (log p - log q) - KL E_p[z]
+      KL(q || p) = sum q (log q - log p)     d/d omega: E_p[z] - sum z q
+    Returns two [N] tensors: the risks and the gradients."""
     z = logits.float()
     log_p = z.log_softmax(-1)
     p = log_p.exp()
+    p_z = p * z
+    expected_z = p_z.sum(-1)
+    n, y = len(targets), targets[:, None]
+    nll = -log_p[:n].gather(-1, y)[:, 0]
+    nll_grad = expected_z[:n] - z[:n].gather(-1, y)[:, 0]
     if direction == "post_pre":
-        ratio = log_p - pre_log_probs
-        kl = (p * ratio).sum(-1, keepdim=True)
-        return (z * p * (ratio - kl)).sum(-1)
-    return (z * (p - pre_log_probs.exp())).sum(-1)
+        ratio = log_p[n:] - pre_log_probs
+        kl = (p[n:] * ratio).sum(-1)
+        kl_grad = (p_z[n:] * ratio).sum(-1) - kl * expected_z[n:]
+    else:
+        q = pre_log_probs.exp()
+        kl = (q * (pre_log_probs - log_p[n:])).sum(-1)
+        kl_grad = expected_z[n:] - (z[n:] * q).sum(-1)
+    return torch.cat([nll, kl]), torch.cat([nll_grad, kl_grad])
 
 
 def tv_from_gradients(env_gradients: torch.Tensor) -> torch.Tensor:
@@ -122,12 +132,12 @@ class LagrangeMultiplier(nn.Module):
     def _ascend_along(self, grads, lr: float) -> None:
         params = list(self.net.parameters())
         grads = [g if g is not None else torch.zeros_like(p) for p, g in zip(params, grads)]
-        norm = torch.sqrt(sum((g.float() ** 2).sum() for g in grads))
+        norm = torch.stack(torch._foreach_norm(grads)).float().norm()
         if not torch.isfinite(norm):
             return
         with torch.no_grad():
-            for p, g in zip(params, grads):
-                p.add_(lr * g / norm.clamp(min=1.0))  # unit-clipped: a large penalty cannot blow the MLP up
+            # unit-clipped: a large penalty cannot blow the MLP up
+            torch._foreach_add_(params, torch._foreach_mul(grads, lr / norm.clamp(min=1.0)))
             out = self.net(self._features).squeeze()
             self.net[-1].bias.sub_((out - _inverse_softplus(self.max_value)).clamp(min=0))
 
@@ -139,5 +149,7 @@ def _inverse_softplus(y: float) -> float:
 def delta_norm_features(params: Dict[str, torch.Tensor], originals: Dict[str, torch.Tensor]) -> torch.Tensor:
     """log(1 + ||phi_e - phi||) for each edited tensor, in a fixed order. Absolute, not relative:
     LoRA's B matrices start at zero."""
+    names = sorted(params)
     with torch.no_grad():
-        return torch.stack([(params[k].float() - originals[k].float()).norm().log1p() for k in sorted(params)])
+        deltas = torch._foreach_sub([params[k] for k in names], [originals[k] for k in names])
+        return torch.stack(torch._foreach_norm(deltas)).float().log1p()

@@ -41,11 +41,11 @@ def locality_kl(post_logits: torch.Tensor, pre_log_probs: torch.Tensor, directio
 
 
 def segment_mean(values: torch.Tensor, segment: torch.Tensor, n_segments: int) -> torch.Tensor:
-    """[n_segments]: the mean of ``values`` in each segment (0 for an empty one). Every
-    environment's risk in one pass, instead of a slice and a reduction per environment."""
-    sums = values.new_zeros(n_segments).index_add(0, segment, values)
-    counts = values.new_zeros(n_segments).index_add(0, segment, torch.ones_like(values))
-    return sums / counts.clamp(min=1)
+    """[n_segments, ...]: the mean of ``values`` [N, ...] in each segment (0 for an empty one).
+    Every environment's risk in one pass, instead of a slice and a reduction per environment."""
+    sums = values.new_zeros((n_segments, *values.shape[1:])).index_add(0, segment, values)
+    counts = values.new_zeros(n_segments).index_add(0, segment, values.new_ones(len(segment)))
+    return sums / counts.clamp(min=1).view(-1, *([1] * (values.dim() - 1)))
 
 
 def gaussian_kernel(a: torch.Tensor, b: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
@@ -54,13 +54,12 @@ def gaussian_kernel(a: torch.Tensor, b: torch.Tensor, sigmas: torch.Tensor) -> t
     return torch.exp(-sq_dist.unsqueeze(0) / (2 * sigmas.view(-1, 1, 1) ** 2)).sum(0)
 
 
-def median_bandwidths(z_e: torch.Tensor, z_r: torch.Tensor, multipliers: Sequence[float]) -> torch.Tensor:
+def median_bandwidths(pooled: torch.Tensor, multipliers: Sequence[float]) -> torch.Tensor:
     """Bandwidths relative to the median pairwise distance of the pooled samples (no gradient)."""
-    pooled = torch.cat([z_e, z_r]).detach().float()
+    pooled = pooled.detach()
     dist = torch.pdist(pooled)
     median = dist.median() if dist.numel() else pooled.new_tensor(0.0)
-    median = median.clamp(min=1e-6)
-    return median * pooled.new_tensor(list(multipliers))
+    return median.clamp(min=1e-6) * pooled.new_tensor(list(multipliers))
 
 
 def generality_mmd(z_e: torch.Tensor, z_r: torch.Tensor, multipliers: Sequence[float]) -> torch.Tensor:
@@ -71,7 +70,9 @@ def generality_mmd(z_e: torch.Tensor, z_r: torch.Tensor, multipliers: Sequence[f
     there is nothing to align and the risk is 0."""
     if z_e.shape[0] == 0 or z_r.shape[0] == 0:
         return z_e.sum() * 0.0 + z_r.sum() * 0.0
-    z_e, z_r = z_e.float(), z_r.float()
-    sigmas = median_bandwidths(z_e, z_r, multipliers)
-    return (gaussian_kernel(z_e, z_e, sigmas).mean() + gaussian_kernel(z_r, z_r, sigmas).mean()
-            - 2 * gaussian_kernel(z_e, z_r, sigmas).mean())
+    z = torch.cat([z_e, z_r]).float()
+    kernel = gaussian_kernel(z, z, median_bandwidths(z, multipliers))
+    # mean K_ee + mean K_rr - 2 mean K_er = w^T K w with w = (1/n_e, ..., 1/n_e, -1/n_r, ..., -1/n_r):
+    # one Gram matrix of the pooled samples instead of three
+    w = torch.cat([z.new_full((len(z_e),), 1.0 / len(z_e)), z.new_full((len(z_r),), -1.0 / len(z_r))])
+    return w @ kernel @ w

@@ -169,16 +169,15 @@ class ODEditObjective:
         kl_at = self.rows.compare_tail[rows][:, -width:]
         nll_logits, targets = logits[:, :-1][nll_at], batch.labels[:, 1:][nll_at]
         kl_logits, pre = logits[kl_at], self.rows.pre_log_probs[self.rows.pre_index[rows][:, -width:][kl_at]]
-        direction = self.hp.risks.kl_direction
-        values = torch.cat([torch.nn.functional.cross_entropy(nll_logits.float(), targets, reduction="none"),
-                            risks.kl_per_position(kl_logits, pre, direction)])
         position_group = torch.cat([group[:, None].expand_as(nll_at)[nll_at], group[:, None].expand_as(kl_at)[kl_at]])
-        env_risk = risks.segment_mean(values, position_group, n_groups)
-        if not self.use_odedit:
-            return env_risk, None
-        omega_grads = torch.cat([tv.nll_omega_gradient(nll_logits, targets),
-                                 tv.kl_omega_gradient(kl_logits, pre, direction)])
-        return env_risk, risks.segment_mean(omega_grads, position_group, n_groups)
+        if not self.use_odedit:  # the host alone: its own rows' NLL (no OUT rows)
+            values = torch.nn.functional.cross_entropy(nll_logits.float(), targets, reduction="none")
+            return risks.segment_mean(values, position_group, n_groups), None
+        values, omega_grads = tv.risks_and_omega_gradients(torch.cat([nll_logits, kl_logits]), targets, pre,
+                                                          self.hp.risks.kl_direction)
+        env_risk, env_omega_grad = risks.segment_mean(torch.stack([values, omega_grads], 1), position_group,
+                                                      n_groups).unbind(1)
+        return env_risk, env_omega_grad
 
     def mmd_features(self, batch: EmbeddedBatch, hidden: torch.Tensor) -> torch.Tensor:
         answer = risks.answer_positions(batch.labels)
@@ -228,7 +227,8 @@ class ODEditObjective:
         if weight > 0:
             self.multiplier.dual_step(hp.penalty.dual_lr)
         self.step += 1
-        return dict(zip(terms, torch.stack([t.detach().float() for t in terms.values()]).tolist()))
+        with torch.no_grad():  # one stack, one read-back for every logged term
+            return dict(zip(terms, torch.stack(list(terms.values())).float().tolist()))
 
     @torch.no_grad()
     def _remember_if_best(self, objective, logits, batch: EmbeddedBatch, envs) -> None:
