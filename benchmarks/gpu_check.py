@@ -7,7 +7,7 @@
    restore of the whole state dict after a single edit and after 5 sequential edits.
 2. Per-edit time and peak GPU memory, host alone vs host + ODEdit, on the small MiniMMEdit model.
 3. With ``--big``: the same on a random-weight model with the shapes of a 7B-class LLaVA (CLIP
-   ViT-L/14-336 + Llama-7B, bf16), for each host of ``BIG_HOSTS`` (FT-L on the top two layers' MLPs
+   ViT-L/14-336 + Llama-7B, bf16), for each host of ``overhead.LLAVA_HOSTS`` (FT-L on the top two layers' MLPs
    and on the top MLP alone, LoRA, FT-V on the projector).
 On a machine without CUDA it runs on the CPU with a 2-layer stand-in for the big model (to test
 the script itself).
@@ -30,7 +30,7 @@ from easyedit_odedit.odedit import odedit_main  # noqa: E402
 from easyedit_odedit.registry import build_host  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from overhead import _world  # noqa: E402  (the synthetic pool both scripts use)
+from overhead import LLAVA_HOSTS, LLAVA_SHAPES, _world, llava_shaped  # noqa: E402  (shared with overhead.py)
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda:0" if CUDA else "cpu"
@@ -118,34 +118,10 @@ def compare(name, adapter, base_config, image):
 
 
 def big_llava(layers: int):
-    import transformers
-
-    from easyedit_odedit.models.adapter import MultimodalLMAdapter
-    from easyedit_odedit.models.encoders import LlavaImageEncoder
-    from easyedit_odedit.models.tiny import tiny_tokenizer
-
-    vision = transformers.CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24 if CUDA else 1,
-                                           num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768)
-    text = transformers.LlamaConfig(vocab_size=32064, hidden_size=4096 if CUDA else 256, intermediate_size=11008 if CUDA else 512,
-                                    num_hidden_layers=layers, num_attention_heads=32 if CUDA else 4,
-                                    num_key_value_heads=32 if CUDA else 4)
-    config = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=32000,
-                                      vision_feature_layer=-2)
-    dtype = torch.bfloat16 if CUDA else torch.float32
-    with torch.device(DEVICE):
-        model = transformers.LlavaForConditionalGeneration._from_config(config, dtype=dtype)
-    model.eval()
-    adapter = MultimodalLMAdapter(LlavaImageEncoder(model), model, tiny_tokenizer(), 336, {"architecture": "hf-llava"})
-    return adapter
-
-
-# the hosts of the YAMLs for real models (hparams/ODEdit/llava15-*.yaml), at their default sizes
-BIG_HOSTS = (
-    ("FT-L", {"layers": [-2, -1], "modules": ["mlp.up_proj", "mlp.down_proj"], "lr": 1e-4}),  # layer cache
-    ("FT-L", {"layers": [-1], "modules": ["mlp"], "lr": 1e-4}),  # top MLP only: LastModuleCache
-    ("LoRA", {"layers": [-2, -1], "target_modules": ["up_proj", "down_proj"], "rank": 8, "lr": 1e-3}),
-    ("FT-V", {"modules": ["multi_modal_projector"], "lr": 1e-4}),  # every row re-embedded each step
-)
+    """The 7B-class LLaVA shape in bf16 on CUDA; on a CPU a small stand-in that runs the same code."""
+    shape = LLAVA_SHAPES["7b"] if CUDA else dict(LLAVA_SHAPES["medium"], hidden=256, intermediate=512, heads=4,
+                                                  vision_layers=1)
+    return llava_shaped(**dict(shape, layers=layers), dtype=torch.bfloat16 if CUDA else torch.float32, device=DEVICE)
 
 
 def main():
@@ -173,8 +149,8 @@ def main():
         start = time.time()
         big = big_llava(32 if CUDA else 2)
         print(f"\n[big] built in {time.time() - start:.1f} s")
-        for host, host_hparams in BIG_HOSTS:
-            compare("big", big, {"host": host, "host_hparams": {**host_hparams, "num_steps": args.steps},
+        for name, host_hparams in LLAVA_HOSTS.items():
+            compare(f"big {name}", big, {"host": name.split()[0], "host_hparams": {**host_hparams, "num_steps": args.steps},
                                  "model_name": "blip2", "environments": env},
                     image.to(torch.bfloat16 if CUDA else torch.float32))
 

@@ -1,6 +1,10 @@
 """Per-edit cost of ODEdit against its host, at equal optimisation steps and default settings.
 
-    python benchmarks/overhead.py [--model DIR] [--host FT-L] [--steps 20] [--edits 5] [--device cpu]
+    python benchmarks/overhead.py [--model DIR | --shape medium] [--host FT-L] [--steps 20] [--edits 5] [--device cpu]
+
+``--shape medium``: instead of the shipped 1 M-parameter model, a random-weight LLaVA (transformers'
+``LlavaForConditionalGeneration``: CLIP + Llama, a 32k vocabulary) of ~50 M parameters, small
+enough for a CPU: what the ratios become once arithmetic, not per-operation overhead, dominates.
 
 Modes, each in its own process (so peak memory is its own):
   host          the host alone: the edit prompt, NLL, ``steps`` steps
@@ -51,6 +55,46 @@ def _model_dir(requested: str, root: str) -> str:
     return save_tiny_conv_llama(os.path.join(root, "tiny"), hidden=128, layers=4)
 
 
+# random-weight LLaVA shapes: CLIP vision tower + projector + Llama, 32k vocabulary
+LLAVA_SHAPES = {
+    "medium": dict(vision_hidden=256, vision_layers=2, image_size=112, patch_size=14,
+                   hidden=512, intermediate=1376, layers=4, heads=8),
+    "7b": dict(vision_hidden=1024, vision_layers=24, image_size=336, patch_size=14,
+               hidden=4096, intermediate=11008, layers=32, heads=32),
+}
+# the hosts of the YAMLs for real models (hparams/ODEdit/llava15-*.yaml), at their default sizes
+LLAVA_HOSTS = {
+    "FT-L": {"layers": [-1], "modules": ["mlp"], "lr": 1e-4},  # top MLP only: LastModuleCache
+    "FT-L top-2": {"layers": [-2, -1], "modules": ["mlp.up_proj", "mlp.down_proj"], "lr": 1e-4},  # layer cache
+    "LoRA": {"layers": [-2, -1], "target_modules": ["up_proj", "down_proj"], "rank": 8, "lr": 1e-3},
+    "FT-V": {"modules": ["multi_modal_projector"], "lr": 1e-4},  # every row re-embedded each step
+}
+
+
+def llava_shaped(vision_hidden: int, vision_layers: int, image_size: int, patch_size: int, hidden: int,
+                 intermediate: int, layers: int, heads: int, dtype=None, device="cpu", seed: int = 0):
+    """A random-weight LLaVA of the given shape behind the plugin's adapter (word tokenizer)."""
+    import torch
+    import transformers
+
+    from easyedit_odedit.models.adapter import MultimodalLMAdapter
+    from easyedit_odedit.models.encoders import LlavaImageEncoder
+    from easyedit_odedit.models.tiny import tiny_tokenizer
+
+    vision = transformers.CLIPVisionConfig(hidden_size=vision_hidden, intermediate_size=4 * vision_hidden,
+                                           num_hidden_layers=vision_layers, num_attention_heads=max(vision_hidden // 64, 1),
+                                           image_size=image_size, patch_size=patch_size, projection_dim=768)
+    text = transformers.LlamaConfig(vocab_size=32064, hidden_size=hidden, intermediate_size=intermediate,
+                                    num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads)
+    config = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=32000,
+                                      vision_feature_layer=-2 if vision_layers > 1 else -1)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = transformers.LlavaForConditionalGeneration._from_config(config, dtype=dtype or torch.float32)
+    model.eval()
+    return MultimodalLMAdapter(LlavaImageEncoder(model), model, tiny_tokenizer(), image_size, {"architecture": "hf-llava"})
+
+
 def run_mode(mode: str, args) -> dict:
     """One process, one mode: ``edits`` edits, each timed; peak memory at the end."""
     import resource
@@ -67,15 +111,18 @@ def run_mode(mode: str, args) -> dict:
     torch.set_num_threads(args.threads)
     root = tempfile.mkdtemp()
     env = _world(root)
-    model_dir = _model_dir(args.model, root)
+    model_dir = _model_dir(args.model, root) if not args.shape else ""
     host_hparams = {"layers": [-1], "num_steps": args.steps, "lr": 1e-3}
     if args.host == "FT-V":
         host_hparams = {"num_steps": args.steps, "lr": 1e-3, "modules": ["projector"]}
+    if args.shape:
+        host_hparams = dict(LLAVA_HOSTS[args.host], num_steps=args.steps)
     hp = ODEditHyperParams.from_dict({
         "host": args.host, "host_hparams": host_hparams, "enabled": mode != "host", "model_name": "blip2",
         "name": model_dir, "environments": env,
         "optimiser": {"cache_prefix": mode != "odedit_nocache"}})
-    adapter = load_adapter(model_dir).to(args.device)
+    adapter = (llava_shaped(**LLAVA_SHAPES[args.shape], device=args.device) if args.shape
+               else load_adapter(model_dir).to(args.device))
 
     class BatchedNLL(ODEditObjective):
         def update(self, idx):
@@ -142,6 +189,7 @@ class _timed_setup:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="")
+    parser.add_argument("--shape", default="", choices=["", "medium"], help="a random-weight LLaVA shape")
     parser.add_argument("--host", default="FT-L", choices=["FT-L", "FT-V", "LoRA"])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--edits", type=int, default=5)
@@ -161,10 +209,12 @@ def main(argv=None) -> None:
                "--edits", str(args.edits), "--threads", str(args.threads), "--device", args.device]
         if args.model:
             cmd += ["--model", args.model]
+        if args.shape:
+            cmd += ["--shape", args.shape]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
     host = results["host"]
-    print(f"\nhost {args.host}, {args.steps} steps, {results['host']['params']:,} parameters, "
+    print(f"\n{args.shape or 'shipped'} model, host {args.host} {LLAVA_HOSTS[args.host] if args.shape else ''}, {args.steps} steps, {results['host']['params']:,} parameters, "
           f"device {args.device}, {args.threads} thread(s), median of {args.edits} edits\n")
     print("| mode | s / edit | of which set-up | x host time | peak MB | x host memory |")
     print("|---|---|---|---|---|---|")
