@@ -393,13 +393,22 @@ _FACTORY_SITES = {
 }
 
 
+def counts_special_tokens(cls_name: str) -> bool:
+    """Whether the installed EasyEdit counts a prompt's special tokens (BOS) in ``prompts_len`` for
+    the model class it constructs: the PyPI release does for BLIP-2 and not for MiniGPT-4 (whose
+    text has no BOS); main never does. A plugin model counts with them (``adapter.embed``)."""
+    return flavour() == PYPI and cls_name == "Blip2OPT"
+
+
 def _plugin_aware(original, path_kwarg: str):
     def construct(*args, **kwargs):
         from .models.loading import is_plugin_checkpoint, load_adapter
 
         path = kwargs.get(path_kwarg)
         if is_plugin_checkpoint(path):
-            return load_adapter(path)
+            adapter = load_adapter(path)
+            adapter.prompts_len_counts_special_tokens = counts_special_tokens(original.__name__)
+            return adapter
         return original(*args, **kwargs)
 
     construct.__odedit_original__ = original

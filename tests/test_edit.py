@@ -148,3 +148,31 @@ def test_a_chat_layout_wraps_the_prompt_and_masks_all_but_the_target(world):
     embeds = adapter.language_model.get_input_embeddings()(torch.tensor(ids))
     before_target = chat.inputs_embeds[1, -len(target_ids) - len(ids):-len(target_ids)]
     assert torch.allclose(before_target, embeds)  # the assistant tag sits right before the target
+
+
+def _add_bos(tokenizer):
+    """Make a word tokenizer put "</s>" before every text, as OPT's does."""
+    from tokenizers.processors import TemplateProcessing
+
+    bos = tokenizer.convert_tokens_to_ids("</s>")
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(single="</s> $A", special_tokens=[("</s>", bos)])
+    assert tokenizer("red")["input_ids"][0] == bos
+
+
+def test_easyedit_prompt_counts_label_only_the_target_with_a_bos_tokenizer(world):
+    """EasyEdit counts ``prompts_len`` with the BOS (PyPI release, BLIP-2) or without it (main);
+    the samples its own ``prepare_multimodal_edit`` builds must label exactly the target either way."""
+    from easyedit_odedit.models.adapter import IGNORE
+
+    hp = ODEditHyperParams.from_hparams(write_yaml(world))
+    editor = MultimodalEditor.from_hparams(hp)
+    assert editor.model.prompts_len_counts_special_tokens == (compat.flavour() == compat.PYPI)
+    for tokenizer in {id(t): t for t in (editor.tok, editor.model.tokenizer)}.values():
+        _add_bos(tokenizer)
+    image = compat.process_image_file(editor.vis_tok, str(world / "img" / "0.png"))
+    samples = compat.multimodal_evaluation().prepare_multimodal_edit(hp, editor.tok, "green", PROMPT, image)
+    labels = editor.model(samples).labels[0]
+    assert [t for t in labels.tolist() if t != IGNORE] == editor.tok("green", add_special_tokens=False)["input_ids"]
+    editor.model.prompts_len_counts_special_tokens = not editor.model.prompts_len_counts_special_tokens
+    wrong = [t for t in editor.model(samples).labels[0].tolist() if t != IGNORE]
+    assert len(wrong) != 1  # the other convention labels a prompt token too, or none: the check can fail

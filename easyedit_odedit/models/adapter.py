@@ -90,12 +90,29 @@ class MultimodalLMAdapter(nn.Module):
         if isinstance(samples, (list, tuple)):  # main's trainer may pass a list of sample dicts
             samples = _merge_samples(samples)
         self._tokenise_string_labels(samples)
-        batch = self.embed(samples["text_input"], samples.get("image"), samples["prompts_len"])
+        batch = self.embed(samples["text_input"], samples.get("image"), self._prompt_counts(samples["prompts_len"]))
         logits, hidden = self.decode(batch, logit_scale=logit_scale)
         loss = token_nll(logits, batch.labels)
         # hidden_states: the last layer's, which the decoder computes anyway (ODEdit's MMD reads it)
         return AdapterOutput(loss=loss, logits=logits, labels=batch.labels,
                              attention_mask=batch.attention_mask, hidden_states=hidden)
+
+    # EasyEdit's prompt counts include the tokenizer's leading special tokens (BOS) or not, by
+    # version and model class (``compat.counts_special_tokens``, set when EasyEdit constructs the
+    # model); ``embed`` counts with them. Without this a BOS tokenizer on main labels the prompt's
+    # last token as part of the target.
+    prompts_len_counts_special_tokens = True
+
+    def _prompt_counts(self, prompts_len) -> List[int]:
+        counts = [int(n) for n in prompts_len]
+        if self.prompts_len_counts_special_tokens:
+            return counts
+        return [n + self.leading_special_tokens() for n in counts]
+
+    def leading_special_tokens(self) -> int:
+        """How many special tokens (BOS) the tokenizer puts before a text."""
+        ids, special = self.tokenizer("a")["input_ids"], set(self.tokenizer.all_special_ids)
+        return next((i for i, t in enumerate(ids) if t not in special), len(ids))
 
     def _tokenise_string_labels(self, samples) -> None:
         """The PyPI release's MEND executor passes target *strings* as labels and later calls
