@@ -459,3 +459,34 @@ def prepare_host() -> str:
     _wrap_entry_points()
     _install_model_factories()
     return flavour()
+
+
+# ---------------------------------------------------------------------------------------------
+# sentence-transformers >= 6: loading the plugin's own sentence module (IKE on MiniMMEdit)
+# ---------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def plugin_sentence_modules(classes: dict):
+    """EasyEdit's IKE loads its sentence model with ``SentenceTransformer(path)``. From version 6,
+    sentence-transformers refuses a saved model whose ``modules.json`` names a class outside its
+    own namespace unless ``trust_remote_code=True``, which EasyEdit does not pass. For the block,
+    exactly the classes given (``{"module.path.Class": Class}``, the plugin's own, already
+    imported) resolve to themselves, through sentence-transformers' own per-model class mapping;
+    every other class keeps the trust gate. Older sentence-transformers (no such mapping, no gate):
+    a no-op."""
+    try:
+        from sentence_transformers.base.model import BaseModel
+    except ImportError:
+        yield
+        return
+    if not hasattr(BaseModel, "_module_classes"):
+        yield
+        return
+    original = BaseModel.__dict__.get("_module_classes", None)
+    BaseModel._module_classes = {**(getattr(BaseModel, "_module_classes") or {}), **classes}
+    try:
+        yield
+    finally:
+        if original is None:
+            del BaseModel._module_classes
+        else:
+            BaseModel._module_classes = original

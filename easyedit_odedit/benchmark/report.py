@@ -271,6 +271,11 @@ def markdown(results: Dict[str, Any]) -> str:
                 n_pairs = max((p[c]["n"] for c in cols if c in p), default=0)
                 lines.append(f"| {method} | {n_pairs} | " + " | ".join(cells) + " |")
             lines.append("")
+        alone = [m for m in _method_order(by_method, config)
+                 if "+" not in m and "[" not in m and not any(o.startswith(m + "+") for o in by_method)]
+        if alone:
+            lines += [f"{', '.join(alone)}: no +ODEdit partner (IKE changes no weights, so ODEdit cannot decorate it); "
+                      "not in the paired differences.", ""]
     if results["curve"]:
         lines += ["## Rel vs locality over the host learning rate (single editing)", "",
                   "| method | lr | n | Rel | T-Gen | I-Gen6 | I-Loc | Near | Far | HM |", "|---|---:|---:|" + "---:|" * 7]
@@ -298,7 +303,13 @@ def markdown(results: Dict[str, Any]) -> str:
         for method, by_seed in results["leakage"].items():
             total = sum(c["records"] for c in by_seed.values())
             same = sum(c["bit_identical"] for c in by_seed.values())
-            lines.append(f"- {method}: {same} of {total} records")
+            what = next((c["what"] for c in by_seed.values() if c.get("what")), None)
+            if what:  # IKE: no weights; its in-context prompt is what must not depend on the evaluation fields
+                free = sum(c.get("context_free", 0) for c in by_seed.values())
+                lines.append(f"- {method}: {what} identical in {same} of {total} records; free of the record's "
+                             f"held-out rephrase and text-locality question in {free} of {total}")
+            else:
+                lines.append(f"- {method}: {same} of {total} records")
         lines.append("")
     if results.get("not_run"):
         lines += ["## Not run", ""] + [f"- **{k}**: {v}" for k, v in results["not_run"].items()] + [""]

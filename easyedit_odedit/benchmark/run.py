@@ -80,6 +80,7 @@ DEFAULTS: Dict[str, Any] = {
     "curve": None,
     "mend": None,        # {yaml, train: {host_hparams overrides}, val_records, edit_steps, seeds, settings}
     "not_run": {},
+    "ike": None,         # {k: 1}: EasyEdit's multimodal IKE alone, single editing (benchmark/ike.py)
     "leakage_check": 3,  # records per method and seed edited with real and with swapped evaluation fields
 }
 
@@ -113,7 +114,7 @@ def load_config(path_or_dict) -> Dict[str, Any]:
         else:
             config[key] = value
     config["source"] = source
-    if not config["hosts"]:
+    if not config["hosts"] and not config.get("ike"):
         raise BenchConfigError("bench config: `hosts` must name at least one host: {FT-L: path/to/odedit.yaml}")
     config["hosts"] = {h: _find(p, base) for h, p in config["hosts"].items()}
     for variant in config["variants"]:
@@ -605,6 +606,8 @@ class SeedRun:
 
     # -- single editing through MultimodalEditor.edit ----------------------------------------
     def single(self, method: Method, n: int, setting: str = "single") -> List[dict]:
+        if getattr(method, "runs_itself", False):  # IKE (benchmark/ike.py): no weights, its own loop
+            return method.single(self, n, setting)
         hp = method.hparams(self.data, self.config["base_model"], self.seed)
         editor = build_editor(hp)
         ev = Evaluation(editor, self.data["image_root"], self.images)
@@ -728,6 +731,10 @@ def methods(config: dict) -> List[Tuple[Method, List[str]]]:
         for odedit in (False, True):
             out.append((MendMethod(mend["yaml"], odedit, mend, archives=None),
                         [s for s in settings if s in mend.get("settings", settings)]))
+    if config.get("ike"):
+        from .ike import IkeMethod
+
+        out.append((IkeMethod(config["ike"]), [s for s in settings if s == "single"]))
     return out
 
 
