@@ -143,3 +143,29 @@ def test_mend_meta_training_is_reproducible(bench, tmp_path):
         archives.append(torch.load(training["archive"], map_location="cpu", weights_only=False)["model"])
     tensors = [k for k, v in archives[0].items() if torch.is_tensor(v)]
     assert tensors and all(torch.equal(archives[0][k], archives[1][k]) for k in tensors)
+
+
+def test_extra_items_are_scored_on_the_answer_positions(world):
+    """The protocol's extra metrics read EasyEdit's ``compute_multimodal_edit_quality`` predictions;
+    the PyPI release returns the answer positions, main the whole row. Either way the bench must
+    compare the answer's predictions: the model's own argmax there, worked out here directly."""
+    import torch
+    from easyeditor import MultimodalEditor
+
+    from easyedit_odedit import ODEditHyperParams
+    from easyedit_odedit.benchmark.run import Evaluation
+    from tests.conftest import write_yaml
+
+    editor = MultimodalEditor.from_hparams(ODEditHyperParams.from_hparams(write_yaml(world)))
+    evaluation = Evaluation(editor, str(world))
+    prompt = "question : what color is the shape ? short answer :"
+    items = [("gen", "edit", "img/0.png", prompt, "red"), ("gen", "edit", "img/1.png", prompt, "blue green")]
+    adapter = editor.model
+    for (_, _, image, _, target), (pred, labels) in zip(items, evaluation.argmax(items)):
+        target_ids = adapter.tokenizer(target, add_special_tokens=False)["input_ids"]
+        assert list(labels) == target_ids and len(pred) == len(target_ids)
+        batch = adapter.embed([f"{prompt} {target}"], [evaluation.image(image)], [len(adapter.tokenizer(prompt)["input_ids"])])
+        with torch.no_grad():
+            logits, _ = adapter.decode(batch)
+        expected = logits[0, -len(target_ids) - 1:-1].argmax(-1).tolist()
+        assert list(pred) == expected

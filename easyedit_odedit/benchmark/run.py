@@ -331,7 +331,10 @@ class Evaluation:
                 _, pred_ids = self._quality(e.model, batch)
                 labels = batch["labels"].cpu().numpy()
                 for row, i in enumerate(idx):
-                    out[i] = (tuple(int(x) for x in pred_ids[row]), tuple(int(x) for x in labels[row]))
+                    # the PyPI release returns the answer positions, main the whole row (0 outside the
+                    # answer, which ends every left-padded row): the last len(target) are the answer's
+                    target = tuple(int(x) for x in labels[row])
+                    out[i] = (tuple(int(x) for x in pred_ids[row][-len(target):]), target)
         return out  # type: ignore[return-value]
 
 
