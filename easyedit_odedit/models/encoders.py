@@ -20,11 +20,14 @@ class ConvGridEncoder(nn.Module):
 
     def __init__(self, tower: nn.Module, tower_dim: int, text_dim: int):
         super().__init__()
-        self.tower = tower
+        # channels-last convolutions and pooling: the same values, half the time on a CPU (oneDNN's
+        # NCHW max-pool took a third of the tower's time), and the layout tensor cores prefer
+        self.tower = tower.to(memory_format=torch.channels_last)
         self.projector = nn.Sequential(nn.Linear(tower_dim, text_dim), nn.GELU(), nn.Linear(text_dim, text_dim))
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        grid = self.tower(pixel_values).last_hidden_state          # [B, C, h, w]
+        pixels = pixel_values.contiguous(memory_format=torch.channels_last)
+        grid = self.tower(pixels).last_hidden_state                # [B, C, h, w]
         return self.projector(grid.flatten(2).transpose(1, 2))      # [B, h*w, D]
 
 
