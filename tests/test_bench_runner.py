@@ -119,6 +119,9 @@ def test_bench_config_errors_name_the_problem(tmp_path):
     with pytest.raises(BenchConfigError, match="n_test"):
         load_config({"hosts": {"FT-L": os.path.join(ROOT, "hparams/ODEdit/minimmedit-ft-l.yaml")},
                      "records": {"n_test": 3}, "settings": {"single": {"n": 5}}})
+    # MEND alone (a probe of MEND's settings) needs no `hosts`
+    mend_only = load_config({"mend": {"yaml": os.path.join(ROOT, "hparams/bench/minimmedit-mend-host.yaml")}})
+    assert mend_only["hosts"] == {} and mend_only["mend"]["yaml"].endswith("minimmedit-mend-host.yaml")
 
 
 def test_mend_meta_training_is_reproducible(bench, tmp_path):

@@ -114,7 +114,7 @@ def load_config(path_or_dict) -> Dict[str, Any]:
         else:
             config[key] = value
     config["source"] = source
-    if not config["hosts"] and not config.get("ike"):
+    if not config["hosts"] and not config.get("ike") and not config.get("mend"):  # MEND or IKE alone: a probe
         raise BenchConfigError("bench config: `hosts` must name at least one host: {FT-L: path/to/odedit.yaml}")
     config["hosts"] = {h: _find(p, base) for h, p in config["hosts"].items()}
     for variant in config["variants"]:
