@@ -232,14 +232,10 @@ class EnvironmentBuilder:
         return self.rng.sample(list(items), min(n, len(items)))
 
     def _load_image(self, path: str) -> torch.Tensor:
+        # the pool is fixed: process each image once, keep the recent ones
         key = (path, type(self.image_processor).__name__, self.view_size)
-        if key in _PROCESSED_POOL_IMAGES:  # the pool is fixed: process each image once, keep the recent ones
-            _PROCESSED_POOL_IMAGES.move_to_end(key)
-        else:
-            _PROCESSED_POOL_IMAGES[key] = _shrink(_load_processed_image(path, self.image_processor), self.view_size)
-            while len(_PROCESSED_POOL_IMAGES) > POOL_IMAGE_CACHE_SIZE:
-                _PROCESSED_POOL_IMAGES.popitem(last=False)
-        return _PROCESSED_POOL_IMAGES[key]
+        return _PROCESSED_POOL_IMAGES.get(
+            key, lambda: _shrink(_load_processed_image(path, self.image_processor), self.view_size))
 
     def near_and_far(self, view: dict, se_rows: List[Row], candidates: List[Row],
                      features: Callable[[List[torch.Tensor]], torch.Tensor],
@@ -308,8 +304,38 @@ class EnvironmentBuilder:
         return [(on_c == edit_answer and own_on_edit == own_on_c, on_c) for on_c, own_on_edit, own_on_c in per_candidate]
 
 
-POOL_IMAGE_CACHE_SIZE = 512  # at most ~25 MB at 64 pixels, ~0.8 GB at 364 (a model without a fixed size)
-_PROCESSED_POOL_IMAGES: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+class ImageCache:
+    """Least-recently-used processed images, bounded by bytes rather than by count: a budget holds a
+    whole MiniMMEdit pool at the model's 64 pixels (~50 KB an image) but only ~160 images at
+    EasyEdit's 364 (1.6 MB each, models without a fixed size). Processing a pool image (decode,
+    EasyEdit's resize to 364, back to the model's size) cost half of an edit's set-up on MiniMMEdit."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.bytes = max_bytes, 0
+        self._items: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+
+    def get(self, key: tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key]
+        value = make()
+        self._items[key] = value
+        self.bytes += value.numel() * value.element_size()
+        while self.bytes > self.max_bytes and len(self._items) > 1:
+            _, old = self._items.popitem(last=False)
+            self.bytes -= old.numel() * old.element_size()
+        return value
+
+    def clear(self) -> None:
+        self._items.clear()
+        self.bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+POOL_IMAGE_CACHE_BYTES = 256 * 2 ** 20
+_PROCESSED_POOL_IMAGES = ImageCache(POOL_IMAGE_CACHE_BYTES)
 
 
 def _shrink(image: torch.Tensor, size: Optional[int]) -> torch.Tensor:

@@ -105,3 +105,28 @@ def test_unedited_answers_decode_sub_word_tokens_together():
             return logits, None
 
     assert unedited_answers(Adapter(), [Row("probe", "what is it ?", None)], n_tokens=2) == ["sunflower"]
+
+
+def test_pool_image_cache_processes_once_and_evicts_the_least_recent_by_bytes():
+    from easyedit_odedit.environments import ImageCache
+
+    made = []
+
+    def make(i):
+        def build():
+            made.append(i)
+            return torch.zeros(100, dtype=torch.float32)  # 400 bytes
+        return build
+
+    cache = ImageCache(max_bytes=1000)  # room for two
+    a = cache.get(("a",), make("a"))
+    assert cache.get(("a",), make("a")) is a and made == ["a"]
+    cache.get(("b",), make("b"))
+    cache.get(("a",), make("a"))  # a is now the most recent
+    cache.get(("c",), make("c"))  # over budget: b, the least recent, goes
+    assert len(cache) == 2 and cache.bytes == 800
+    cache.get(("a",), make("a"))
+    cache.get(("b",), make("b"))
+    assert made == ["a", "b", "c", "b"]
+    cache.clear()
+    assert len(cache) == 0 and cache.bytes == 0

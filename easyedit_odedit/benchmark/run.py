@@ -841,8 +841,8 @@ def run_bench(config_or_path, out: str, progress: bool = True, report: bool = Tr
 
 
 def _drop_pool_image_cache() -> None:
-    """ODEdit keeps every pool image it has processed (at EasyEdit's 364 px, ~1.6 MB each) for the
-    life of the process; each seed has its own pool, so drop the previous seed's."""
+    """ODEdit keeps the pool images it has processed (up to ``POOL_IMAGE_CACHE_BYTES``) for the life
+    of the process; each seed has its own pool, so drop the previous seed's."""
     from .. import environments
 
     environments._PROCESSED_POOL_IMAGES.clear()
