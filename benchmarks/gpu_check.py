@@ -93,12 +93,14 @@ def time_edits(adapter, hp, image, n=3):
                 "image": image}
         originals = {}
         start = time.perf_counter()
-        odedit_main.edit_once(adapter, view, hp, build_host(hp), originals)
-        if CUDA:
-            torch.cuda.synchronize()
+        try:
+            odedit_main.edit_once(adapter, view, hp, build_host(hp), originals)
+            if CUDA:
+                torch.cuda.synchronize()
+        finally:  # also after running out of memory: the next host starts from the same weights
+            odedit_main._copy_back(adapter, originals)
         if i:
             times.append(time.perf_counter() - start)
-        odedit_main._copy_back(adapter, originals)
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if CUDA else float("nan")
     return sorted(times)[len(times) // 2], peak
 
@@ -107,7 +109,12 @@ def compare(name, adapter, base_config, image):
     rows = []
     for enabled in (False, True):
         hp = ODEditHyperParams.from_dict(dict(base_config, enabled=enabled))
-        seconds, peak = time_edits(adapter, hp, image)
+        try:
+            seconds, peak = time_edits(adapter, hp, image)
+        except torch.cuda.OutOfMemoryError as err:  # say so and go on: the other hosts' figures still count
+            print(f"[{name}] {'host+ODEdit' if enabled else 'host'}: out of GPU memory: {str(err)[:200]}")
+            torch.cuda.empty_cache()
+            seconds, peak = float("nan"), float("nan")
         rows.append((("host+ODEdit" if enabled else "host"), seconds, peak))
     print(f"\n[{name}] {sum(p.numel() for p in adapter.parameters()):,} parameters, "
           f"{base_config['host']} {base_config['host_hparams']}")
