@@ -1,0 +1,24 @@
+"""The prepared GPU check runs as one command when a GPU session comes; on a CPU it runs the same
+code with small stand-ins. Run it here so it cannot rot between GPU sessions."""
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_gpu_check_runs_every_host_on_the_cpu_stand_in():
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_check.py"), "--big", "--steps", "1"],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    text = out.stdout
+    # EasyEdit's editor on the small model: bit-identical restore after one edit and after five
+    assert "whole state dict bit-identical after restore: True" in text
+    assert "restored bit-identically in one call: True" in text
+    for name in ("FT-L", "FT-L top-2", "LoRA", "FT-V"):
+        assert f"[big {name}]" in text, name
+    # every comparison printed both runs and a finite time ratio
+    ratios = [line for line in text.splitlines() if line.startswith("ratios: time x")]
+    assert len(ratios) == 5  # the small model + four big hosts
+    assert all(float(line.split("x")[1].split(",")[0]) > 0 for line in ratios)
