@@ -467,6 +467,7 @@ def train_mend(mend: dict, alg: str, data: Dict[str, str], model_dir: str, seed:
     from .. import compat
     from ..hosts.easyedit_native import build_easyedit_hparams
     from ..odedit.odedit_hparams import ODEditHyperParams
+    from ..odedit.odedit_main import seeded
 
     with open(mend["yaml"]) as f:
         config = yaml.safe_load(f)
@@ -496,7 +497,9 @@ def train_mend(mend: dict, alg: str, data: Dict[str, str], model_dir: str, seed:
             json.dump(recs, f)
     VQADataset = compat.module("dataset.vqa").VQADataset
     start = time.perf_counter()
-    with seeded(int(seed)):  # EasyEdit's trainer draws MEND's initial weights and the batch order unseeded
+    # EasyEdit's MultimodalTrainer ignores config.seed: MEND's initial hypernetwork (torch.randn) and the
+    # shuffled batch order come from the global generators, so unseeded runs trained different MENDs
+    with seeded(int(seed)):
         trainer = MultimodalTrainer(config=hp, train_set=VQADataset(paths["fit"], config=hp),
                                     val_set=VQADataset(paths["val"], config=hp))
         _quiet_easyedit()
@@ -510,30 +513,6 @@ def train_mend(mend: dict, alg: str, data: Dict[str, str], model_dir: str, seed:
     return {"archive": archive, "alg": alg, "seconds": round(seconds, 1), "n_fit": len(split["fit"]),
             "n_val": len(split["val"]), "max_iters": host.get("max_iters"), "batch_size": host.get("batch_size"),
             "val": {k: float(v) for k, v in val.items() if isinstance(v, (int, float))}}
-
-
-@contextlib.contextmanager
-def seeded(seed: int):
-    """Torch's, Python's and NumPy's global generators seeded with ``seed`` for the block, and
-    put back as they were afterwards. EasyEdit's ``MultimodalTrainer`` ignores ``config.seed``:
-    MEND's hypernetwork initialisation (``torch.randn``) and the shuffled ``DataLoader`` order
-    come from the global torch generator, so without this two runs of the same config meta-trained
-    different hypernetworks (MEND's Rel 41% in one full run, 32% in the next)."""
-    import random
-
-    import numpy as np
-    import torch
-
-    python_state, numpy_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        random.seed(seed)
-        np.random.seed(seed)
-        try:
-            yield
-        finally:
-            random.setstate(python_state)
-            np.random.set_state(numpy_state)
 
 
 def _quiet_easyedit() -> None:

@@ -130,9 +130,10 @@ def _restore_on_failure(adapter: MultimodalLMAdapter, originals: Dict[str, torch
 
 
 @contextlib.contextmanager
-def _seeded(seed: int):
-    """The host's and LoRA's random draws (initialisation, WISE's mask, GRACE's cold values) come
-    from the edit's seed; the caller's generators are left as they were."""
+def seeded(seed: int):
+    """Torch's, Python's and NumPy's global generators seeded with ``seed`` for the block and put
+    back afterwards: the host's and LoRA's random draws (initialisation, WISE's mask, GRACE's cold
+    values) come from the edit's seed; the bench seeds EasyEdit's MEND meta-training with it."""
     import random
 
     import numpy as np
@@ -168,9 +169,9 @@ def edit_once(adapter: MultimodalLMAdapter, view: dict, hparams, host, originals
         edit_rows = EditRows(adapter, rows, hparams.risks.kl_positions, cache)  # unedited-model references
     previous = {n: p.requires_grad for n, p in adapter.named_parameters()}  # before a host or peft freezes them
     if hasattr(host, "run_host"):  # refine family: the host edits first, ODEdit starts from its solution
-        with _seeded(seed):
+        with seeded(seed):
             host.run_host(adapter, adapter.tokenizer, view, host_rows, undo)
-    with _seeded(seed):
+    with seeded(seed):
         params = host.prepare(adapter)
     _train_only(adapter, params)
     try:
