@@ -35,7 +35,7 @@ def tiny_qwen(tmp_path_factory):
     return save_tiny_arch(str(tmp_path_factory.mktemp("arch") / "tiny-qwen2-vl"), "qwen2-vl", layers=4)
 
 
-def hparams(host: str, model_dir: str, world, steps: int) -> ODEditHyperParams:
+def hparams(host: str, model_dir: str, world, steps: int, **host_hparams) -> ODEditHyperParams:
     """The shipped YAML with the paths, the device, the layer (the tiny model has 4) and steps replaced."""
     name, _, _, host_steps = HOSTS[host]
     path = os.path.join(ROOT, "hparams", "ODEdit", f"{name}.yaml")
@@ -43,7 +43,7 @@ def hparams(host: str, model_dir: str, world, steps: int) -> ODEditHyperParams:
     config.update(model_name=model_dir, name=model_dir, device="cpu", coco_image=str(world), rephrase_image=str(world))
     config["environments"].update(locality_pool=str(world / "pool.json"), locality_image_root=str(world))
     config["optimiser"].update(steps=steps, lr=0.05)
-    config["host_hparams"][host_steps] = 2
+    config["host_hparams"].update({host_steps: 2, **host_hparams})
     if "inner_params" in config["host_hparams"]:
         config["host_hparams"]["inner_params"] = ["model.language_model.layers[-1].mlp.down_proj.weight"]
     return ODEditHyperParams.from_dict(config, source_path=path)
@@ -142,3 +142,53 @@ def test_pypi_release_names_the_fix_at_load(host):
     path = os.path.join(ROOT, "hparams", "ODEdit", f"{HOSTS[host][0]}.yaml")
     with pytest.raises(ODEditError, match=r"host .*GitHub main.*built-in hosts `LoRA`"):
         ODEditHyperParams.from_hparams(path)
+
+
+def _wise_edit(world, tiny_qwen, monkeypatch, seen=None, **host_hparams):
+    """One un-restored WISE+ODEdit edit; returns the model, its WISE adapter and WISE's own tokenised batch."""
+    from easyeditor.models.wise import wise_main
+    from easyedit_odedit.models.hf_native import TensorImageLoader, prepare_editor
+    from easyedit_odedit.odedit.odedit_main import apply_odedit_to_multimodal_model
+
+    batches, tokenize = [], wise_main.multimodal_tokenize
+    monkeypatch.setattr(wise_main, "multimodal_tokenize", lambda *a, **k: batches.append(tokenize(*a, **k)) or batches[-1])
+    hp = hparams("WISE", tiny_qwen, world, steps=3, **host_hparams)
+    editor = prepare_editor(MultimodalEditor.from_hparams(hp))
+    model = editor.model
+    if seen is not None:
+        seen.update(model=model, before={n: p.detach().clone() for n, p in model.named_parameters()})
+    request = {"prompt": "what color is the shape ?", "target": "green",
+               "image": TensorImageLoader()(str(world / "img" / "0.png"))}
+    apply_odedit_to_multimodal_model(model, editor.tok, [request], hp, keep_original_weight=False)
+    return model, model.get_submodule("model.language_model.layers.3.mlp.down_proj"), batches[0][0]
+
+
+@needs_main
+def test_wise_routing_threshold_is_recorded_for_the_refined_side_memory(world, tiny_qwen, monkeypatch):
+    """WISE's inference routes by act_ratio x the in-scope distance it recorded at its own last step;
+    after ODEdit moved new_weight, the record must be the distance at the final weights (WISE's own
+    save_editing_activation on WISE's own batch), else the threshold belongs to weights that are gone."""
+    from easyeditor.models.wise.WISE import euc
+
+    model, wise, inputs = _wise_edit(world, tiny_qwen, monkeypatch)
+    try:
+        wise.editing = True
+        with torch.no_grad():
+            model(**inputs)
+        final = euc(wise.original_layer_output[:-1], wise.new_weight_layer_output[:-1], wise.config).mean().item()
+        assert wise.editing_mean_act.count == 1  # replaced, not added
+        assert wise.editing_mean_act.min_act() == pytest.approx(final, rel=1e-4)
+    finally:
+        wise.editing = False
+        restore_all(model)
+
+
+@needs_main
+def test_wise_saving_its_side_memory_at_the_edit_is_refused_and_undone(world, tiny_qwen, monkeypatch):
+    """save_freq 1: WISE moves new_weight into its memory bank and leaves a blank copy; refining that
+    would be lost, so ODEdit says so (it failed on a gradient hook before) and the model is restored."""
+    seen = {}
+    with pytest.raises(ODEditError, match="save_freq"):
+        _wise_edit(world, tiny_qwen, monkeypatch, seen, save_freq=1, merge_freq=2)
+    after = dict(seen["model"].named_parameters())
+    assert after.keys() == seen["before"].keys() and all(torch.equal(after[n], v) for n, v in seen["before"].items())

@@ -19,6 +19,7 @@ them, then the host's requires_grad flags and model-level settings - no copy of 
 from __future__ import annotations
 
 import copy
+import sys
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -131,7 +132,7 @@ class EasyEditAdapterHost:
         model, processor = _native_model(adapter, self.name)
         self.tokenizer = processor.tokenizer
         self.request = self.build_request(view, rows)
-        hparams = self.host_hparams_for(model)
+        hparams = self.applied = self.host_hparams_for(model)
         snapshot = self.snapshot = Snapshot(model)
         if undo is not None:  # registered before EasyEdit runs: a failure half-way is undone too
             undo.append(self.undo_action(model, snapshot))
@@ -210,21 +211,54 @@ class WISEHost(_InnerParamsHost):
         request.update(locality_prompt=unrelated.prompt, locality_ground_truth=unrelated.target)
         return request
 
+    def run_host(self, adapter, tok, view: dict, rows=(), undo: Optional[list] = None) -> None:
+        model, _ = _native_model(adapter, self.name)
+        self.host_hparams_for(model)
+        before = self.module(model)
+        # the activation record as it was before this edit (WISE reuses it with sequential_edit)
+        self._before = before, copy.deepcopy(getattr(before, "editing_mean_act", None))
+        super().run_host(adapter, tok, view, rows, undo)
+
     def enter_refinement(self, model: nn.Module) -> None:
         """In WISE's editing mode every row goes through the side memory. (Its inference mode routes
         the whole batch one way by the batch's mean activation distance.) The gradient is masked as
         WISE masks its own, so ODEdit moves only this edit's share of the memory."""
         wise = self.module(model)
+        freqs = (wise.config.save_freq, wise.config.merge_freq)
+        if any(f and wise.editing_total_cnt % f == 0 for f in freqs):  # new_weight is now a blank copy
+            raise ODEditError("host_hparams.save_freq/merge_freq", freqs, "set both above the number of edits one "
+                              "WISE adapter takes", problem="made WISE move this edit's side memory into its "
+                              "memory bank before ODEdit could refine it")
         wise.editing = wise.training = True
         mask = wise.weight_mask.to(wise.new_weight.dtype).view_as(wise.new_weight)
         self._mask_hook = wise.new_weight.register_hook(lambda grad: grad * mask)
+        self._version = wise.new_weight._version  # unmoved (steps: 0): WISE's own record stays, bit for bit
 
     def finalize(self, adapter) -> None:
         hook, self._mask_hook = getattr(self, "_mask_hook", None), None
         if hook is not None:
             hook.remove()
             wise = self.module(adapter.hf_model)
+            # after a failure (raised through edit_once's finally) the edit is undone: nothing to record
+            if wise.new_weight._version != self._version and sys.exc_info()[0] is None:
+                self._record_activation(adapter, wise)
             wise.editing = wise.training = False
+
+    def _record_activation(self, adapter, wise) -> None:
+        """WISE's inference routes by ``act_ratio`` x the smallest in-scope distance it recorded, and
+        it recorded this edit's at its own last step, before ODEdit moved ``new_weight``. The record
+        is redone with WISE's own code on the edit's own rows at the refined weights, *replacing*
+        this edit's entry (not added: min() would keep the stale one whenever it is smaller, a
+        threshold for weights that no longer exist); earlier edits' entries stay as WISE left them."""
+        from easyeditor.models.wise.utils import multimodal_tokenize
+
+        before, prior = self._before
+        wise.editing_mean_act = prior if wise is before else type(wise.editing_mean_act)()
+        inputs = multimodal_tokenize([self.request], processor=adapter.processor, device=wise.new_weight.device,
+                                     hparams=self.applied)[0]
+        with torch.no_grad():
+            adapter.hf_model(**inputs)
+        wise.save_editing_activation()
 
 
 class GRACEHost(_InnerParamsHost):
