@@ -39,6 +39,15 @@ def edit_view(request: dict) -> dict:
     return {k: request[k] for k in EDIT_FIELDS if k in request}
 
 
+def past_edit(view: dict, view_size: Optional[int]) -> dict:
+    """What later edits of a sequence keep of this one (``EnvironmentBuilder.past``): its prompt,
+    target and image at the model's own size, on the CPU (a sequence may be long)."""
+    image = view.get("image")
+    if image is not None:
+        image = _shrink(image, view_size).detach().cpu()
+    return {"prompt": view["prompt"], "target": view["target"], "image": image}
+
+
 @dataclass
 class Row:
     """One prompt of one environment. ``target=None``: the unedited model's greedy answer."""
@@ -228,6 +237,15 @@ class EnvironmentBuilder:
         image_rows = [Row("OUT_image", e.prompt, e.answer, self._load_image(e.image_path)) for e in candidates]
         return {"text": text_rows, "image": image_rows}
 
+    def past(self, edits: Sequence[dict]) -> List[Row]:
+        """OUT rows from the earlier edits of a sequence: each asked with its own image and answered
+        with its own new target, which this edit must leave as it is (KL to the current model, like
+        every OUT row). Only edit fields: a past record's evaluation fields were never kept."""
+        if not edits or not self.settings.out_past:
+            return []  # draws nothing: single edits see exactly the rows they always did
+        chosen = self._sample(edits, self.settings.pool_factor * self.settings.out_past)
+        return [Row("OUT_past", e["prompt"], e["target"], e.get("image")) for e in chosen]
+
     def _sample(self, items: Sequence, n: int) -> list:
         return self.rng.sample(list(items), min(n, len(items)))
 
@@ -359,7 +377,7 @@ class EnvironmentSampler:
     """Each step: IN plus a fresh random subset of every SE/OUT group, from the fixed pool."""
 
     GROUP_QUOTA = {"SE_text": "se_text", "SE_image": "se_image", "SE_joint": "se_joint",
-                   "OUT_text": "out_text"}
+                   "OUT_text": "out_text", "OUT_past": "out_past"}
 
     def __init__(self, rows: List[Row], settings, seed: int):
         self.rows, self.settings = rows, settings

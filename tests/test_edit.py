@@ -89,6 +89,62 @@ def test_sequential_edits_accumulate_and_restore_in_one_call(world):
     assert same(before, state(editor.model))
 
 
+def _sequence(editor, targets, **fields):
+    kwargs, n = edit_kwargs(world=fields.pop("world"), **fields), len(targets)
+    locality = {kind: {k: v * n for k, v in inputs.items()} for kind, inputs in kwargs["locality_inputs"].items()}
+    with compat.host_scope():
+        return editor._prepare_requests(kwargs["prompts"] * n, targets, kwargs["image"] * n,
+                                        kwargs["rephrase_prompts"] * n, kwargs["rephrase_image"] * n, locality)
+
+
+def test_a_sequence_keeps_its_earlier_edits_as_out_rows(world, monkeypatch):
+    """Edit k of a sequence must leave edits 1..k-1 as they are: each is an OUT row of the later
+    edits (its prompt, image and new target), until the model is restored - by ``restore_all`` or,
+    as the PyPI editor does, by copying the tensors back."""
+    from easyedit_odedit.odedit import odedit_main
+
+    seen = []
+    build_rows = odedit_main.build_rows
+    monkeypatch.setattr(odedit_main, "build_rows", lambda *a, **k: seen.append(build_rows(*a, **k)) or seen[-1])
+    hp = ODEditHyperParams.from_hparams(write_yaml(world, "FT-L", HOSTS["FT-L"]))
+    editor = MultimodalEditor.from_hparams(hp)
+    before = state(editor.model)
+
+    def past_targets():
+        return sorted(r.target for r in seen[-1] if r.env == "OUT_past")
+
+    for request in _sequence(editor, ["green", "blue", "red"], world=world):
+        apply_odedit_to_multimodal_model(editor.model, editor.tok, [request], hp, keep_original_weight=False)
+    assert [sorted(r.target for r in rows if r.env == "OUT_past") for rows in seen] == [[], ["green"], ["blue", "green"]]
+    size = editor.model.image_size  # kept at the model's own size, not the processor's 364
+    assert all(r.prompt == PROMPT and r.image.shape == (3, size, size) for r in seen[-1] if r.env == "OUT_past")
+    request = _sequence(editor, ["gray"], world=world)[0]
+    restore_all(editor.model)
+    apply_odedit_to_multimodal_model(editor.model, editor.tok, [request], hp, keep_original_weight=False)
+    assert past_targets() == []
+    with torch.no_grad():  # what the PyPI editor does after an edit: the tensors copied back
+        for name, value in editor.model.state_dict().items():
+            value.copy_(before[name])
+    apply_odedit_to_multimodal_model(editor.model, editor.tok, [request], hp, keep_original_weight=False)
+    assert past_targets() == []
+    restore_all(editor.model)
+
+
+def test_a_sequence_does_not_depend_on_earlier_records_evaluation_fields(world):
+    hp = ODEditHyperParams.from_hparams(write_yaml(world, "FT-L", HOSTS["FT-L"]))
+    editor = MultimodalEditor.from_hparams(hp)
+    results = []
+    for rephrase, loc in [("what is the color of the shape ?", "what is two plus three ?"),
+                          ("is there a circle ?", "what is one plus one ?")]:
+        first = _sequence(editor, ["green"], world=world, rephrase=rephrase, loc_prompt=loc)[0]
+        second = _sequence(editor, ["blue"], world=world)[0]
+        for request in (first, second):
+            apply_odedit_to_multimodal_model(editor.model, editor.tok, [request], hp, keep_original_weight=False)
+        results.append(state(editor.model))
+        restore_all(editor.model)
+    assert same(*results)
+
+
 def test_a_failed_edit_leaves_the_weights_untouched(world):
     hp = ODEditHyperParams.from_hparams(write_yaml(world, "FT-L", {"layers": [-1], "num_steps": 4, "lr": 1e30},
                                                    penalty={"warmup_steps": 0}))

@@ -22,7 +22,7 @@ from ..prefix_cache import (LastModuleCache, PrefixCache, decoder_layers, edited
 Cache = Union[PrefixCache, LastModuleCache]
 
 SE_ENVS = ("SE_text", "SE_image", "SE_joint")
-OUT_ENVS = ("OUT_text", "OUT_near", "OUT_far")
+OUT_ENVS = ("OUT_text", "OUT_near", "OUT_far", "OUT_past")
 
 
 class EditRows:

@@ -42,6 +42,8 @@ class EnvironmentSettings:
     pool_factor: int = 2        # the per-edit pool holds pool_factor x the per-step count
     near_miss_share: float = 0.5  # share of OUT image prompts that are near misses
     near_miss_search: int = 2   # pool images searched per OUT image row of the per-edit pool (encoded once)
+    out_past: int = 2           # earlier edits of a sequence (not restored since) drawn each step: must not change
+    past_edits: int = 64        # the most recent earlier edits kept for that (their images on the CPU)
     locality_pool: Optional[str] = None   # train-split E-VQA/E-IC JSON, or a JSON list of prompts
     locality_image_root: Optional[str] = None  # image root for the pool (default: coco_image)
     paraphrases: Optional[str] = None     # "pkg.module:function" or a JSON {prompt: [variants]}
@@ -317,7 +319,8 @@ def _validate_settings(hp: ODEditHyperParams, where: str) -> None:
         if value not in choices:
             raise ODEditError(f"{where}: {section}.{key}", value, f"use one of: {', '.join(choices)}")
     counts = {k: getattr(hp.environments, k) for k in ("se_text", "se_image", "se_joint", "out_text",
-                                                       "out_image", "pool_factor", "near_miss_search")}
+                                                       "out_image", "out_past", "past_edits", "pool_factor",
+                                                       "near_miss_search")}
     for key, value in counts.items():
         if value < 0 or (key in ("pool_factor", "near_miss_search") and value < 1):
             raise ODEditError(f"{where}: environments.{key}", value,

@@ -11,13 +11,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import weakref
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from .. import compat
-from ..environments import EnvironmentBuilder, EnvironmentSampler, Row, edit_view
+from ..environments import EnvironmentBuilder, EnvironmentSampler, Row, edit_view, past_edit
 from ..errors import ODEditError
 from ..models.adapter import MultimodalLMAdapter
 from ..registry import build_host
@@ -28,6 +28,8 @@ from .objective import EditRows, ODEditObjective, make_prefix_cache
 _HISTORY: "weakref.WeakKeyDictionary[torch.nn.Module, Dict[str, torch.Tensor]]" = weakref.WeakKeyDictionary()
 # Undo actions of hosts that insert modules (WISE, GRACE, EasyEdit's LoRA), oldest first.
 _UNDO: "weakref.WeakKeyDictionary[torch.nn.Module, List]" = weakref.WeakKeyDictionary()
+# The edits applied since then (``environments.past_edit``), oldest first: OUT rows of later edits.
+_PAST: "weakref.WeakKeyDictionary[torch.nn.Module, List[dict]]" = weakref.WeakKeyDictionary()
 
 
 class RestorePoint(dict):
@@ -72,6 +74,7 @@ def restore_all(model: torch.nn.Module) -> int:
     """Undo every ODEdit edit applied to ``model`` since it was last restored (sequential editing).
     Returns the number of tensors restored."""
     model = _unwrap(model)  # a native transformers model's history is kept under its view
+    _PAST.pop(model, None)
     _run_undo(model, _UNDO.pop(model, []))
     history = _HISTORY.pop(model, {})
     _copy_back(model, history)
@@ -93,6 +96,21 @@ def _unwrap(model) -> MultimodalLMAdapter:
                       "to a plugin checkpoint or a transformers LLaVA / BLIP-2 directory")
 
 
+def _past_edits(model: torch.nn.Module) -> List[dict]:
+    """The earlier edits still applied to ``model``. The PyPI editor restores a model by copying
+    the tensors back itself, without ODEdit hearing of it: once every tensor changed since the first
+    un-restored edit equals its original again, those edits are gone."""
+    past = _PAST.get(model)
+    if not past:
+        return []
+    params = dict(model.named_parameters())
+    if all(name not in params or torch.equal(value, params[name]) for name, value in _HISTORY.get(model, {}).items()):
+        _PAST.pop(model)
+        _HISTORY.pop(model, None)
+        return []
+    return list(past)
+
+
 def _edit_seed(hparams, view: dict) -> int:
     """Depends on the seed and the edit itself, never on a request's evaluation fields."""
     digest = hashlib.sha256(f"{view['prompt']}\x00{view['target']}".encode()).digest()
@@ -107,9 +125,12 @@ def apply_odedit_to_multimodal_model(model, tok, requests, hparams, copy: bool =
     views = [edit_view(check_request(r, adapter.tokenizer, i)) for i, r in enumerate(requests)]
     host = build_host(hparams)
     originals, undo = {}, []
+    past = _past_edits(adapter)
     with _restore_on_failure(adapter, originals, undo):
         for view in views:
-            edit_once(adapter, view, hparams, host, originals, undo)
+            edit_once(adapter, view, hparams, host, originals, undo, past)
+            past.append(past_edit(view, adapter.image_size))
+    _PAST[adapter] = past[max(len(past) - hparams.environments.past_edits, 0):]
     history = _HISTORY.setdefault(adapter, {})
     for name, value in originals.items():
         history.setdefault(name, value)
@@ -151,15 +172,16 @@ def seeded(seed: int):
 
 
 def edit_once(adapter: MultimodalLMAdapter, view: dict, hparams, host, originals: Dict[str, torch.Tensor],
-              undo: Optional[List] = None) -> Dict:
-    """One edit: environments, then the host's optimisation with the ODEdit objective."""
+              undo: Optional[List] = None, past: Sequence[dict] = ()) -> Dict:
+    """One edit: environments, then the host's optimisation with the ODEdit objective. ``past``: the
+    earlier edits of a sequence still applied (``environments.past_edit``)."""
     seed = _edit_seed(hparams, view)
     use_odedit = bool(getattr(hparams, "enabled", True))
     in_row = Row("IN", view["prompt"], view["target"], view.get("image"))
     # WISE also reads an unrelated prompt from ODEdit's OUT rows, even when ODEdit itself is off
     needs_rows = use_odedit or getattr(host, "needs_out_rows", False)
     with adapter.reusing_image_encodings():  # the set-up changes no weight
-        host_rows = build_rows(adapter, view, hparams, seed) if needs_rows else [in_row]
+        host_rows = build_rows(adapter, view, hparams, seed, past) if needs_rows else [in_row]
         rows = host_rows if use_odedit else [in_row]
         named = dict(adapter.named_parameters())
         touched = host.touched(adapter)
@@ -201,7 +223,7 @@ def _restore_requires_grad(adapter: MultimodalLMAdapter, previous: Dict[str, boo
             p.requires_grad_(previous[name])
 
 
-def build_rows(adapter: MultimodalLMAdapter, view: dict, hparams, seed: int) -> List[Row]:
+def build_rows(adapter: MultimodalLMAdapter, view: dict, hparams, seed: int, past: Sequence[dict] = ()) -> List[Row]:
     env = hparams.environments
     builder = EnvironmentBuilder(env, _image_processor(hparams), getattr(hparams, "coco_image", ""), seed,
                                  view_size=adapter.image_size)
@@ -215,7 +237,7 @@ def build_rows(adapter: MultimodalLMAdapter, view: dict, hparams, seed: int) -> 
 
     rows += out["text"] + builder.near_and_far(view, rows, out["image"], adapter.image_features, answers)
     _fill_unedited_answers(adapter, rows, n_tokens)
-    return rows
+    return rows + builder.past(past)
 
 
 def _image_processor(hparams):
