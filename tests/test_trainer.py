@@ -204,3 +204,18 @@ def test_mend_executor_gives_each_weight_its_own_learned_edit_lr(world, tmp_path
     changed = [k for k, v in editor.model.state_dict().items() if not torch.equal(before[k], v)]
     restore()
     assert changed == [down]
+
+
+def test_a_negative_mend_edit_lr_refines_at_its_size(world):
+    """MEND's ``edit_lr`` may be negative (EasyEdit adds edit_lr * grad); ODEdit's refinement after
+    MEND is a descent, so its default step is the size of it (Adam rejected the negative lr)."""
+    from easyedit_odedit.registry import build_host
+
+    host = yaml.safe_load(open(os.path.join(ROOT, "hparams/TRAINING/MEND/tiny-host.yaml")))
+    host = {k: v for k, v in host.items() if k not in ("alg", "batch_size", "max_iters")}
+    host.update(edit_lr=-1e-2, archive=str(world / "no-archive"), alg_name="MEND", lr_scale=1.0)
+    hp = ODEditHyperParams.from_dict({"host": "MEND", "host_hparams": host, "model_name": "blip2",
+                                      "name": str(world / "model"), "optimiser": {"steps": 0}})
+    refine = build_host(hp)
+    assert refine.lr == 1e-2
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=refine.lr)  # what ODEdit builds with it

@@ -103,7 +103,9 @@ class EasyEditRefineHost:
     def __init__(self, name: str, host_hparams, optimiser):
         self.name, self.hparams = name, host_hparams
         self.num_steps = optimiser.steps
-        self.lr = optimiser.lr if optimiser.lr is not None else float(host_hparams.edit_lr)
+        # MEND's edit_lr is the initial value of the learned per-weight step it adds (p + lr * grad),
+        # negative as often as not after training; ODEdit's refinement descends, at its size
+        self.lr = optimiser.lr if optimiser.lr is not None else abs(float(host_hparams.edit_lr))
         self.optimizer = "Adam"
 
     def touched(self, model) -> list:
