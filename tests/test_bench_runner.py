@@ -172,3 +172,21 @@ def test_extra_items_are_scored_on_the_answer_positions(world):
             logits, _ = adapter.decode(batch)
         expected = logits[0, -len(target_ids) - 1:-1].argmax(-1).tolist()
         assert list(pred) == expected
+
+
+@pytest.mark.parametrize("edit_odedit", [False, True])
+def test_mend_edit_time_refinement_has_the_same_steps_with_and_without_odedit(bench, edit_odedit):
+    """``mend.edit_steps`` refines every MEND edit; ``edit_odedit`` puts MEND+ODEdit's refinement
+    under the ODEdit objective (MEND alone: the NLL), never a different number of steps."""
+    from easyedit_odedit.benchmark.run import SHIPPED_MODEL, MendMethod
+
+    out, _ = bench
+    with open(out / "data" / "seed3" / "manifest.json") as f:
+        data = json.load(f)
+    mend = {"yaml": os.path.join(ROOT, "hparams/bench/minimmedit-mend-host.yaml"), "edit_steps": 4,
+            "edit_odedit": edit_odedit}
+    hps = [MendMethod(mend["yaml"], odedit, mend, archives=lambda seed, alg: f"/archives/{alg}")
+           .hparams(data, SHIPPED_MODEL, 3) for odedit in (False, True)]
+    assert [hp.optimiser.steps for hp in hps] == [4, 4]
+    assert [bool(hp.enabled) for hp in hps] == [False, edit_odedit]
+    assert [hp.host_params.archive for hp in hps] == ["/archives/MEND", "/archives/ODEdit"]

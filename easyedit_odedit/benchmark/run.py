@@ -78,7 +78,7 @@ DEFAULTS: Dict[str, Any] = {
     "overrides": {},     # merged into every host's ODEdit YAML (e.g. {host_hparams: {num_steps: 3}})
     "variants": [],
     "curve": None,
-    "mend": None,        # {yaml, train: {host_hparams overrides}, val_records, edit_steps, seeds, settings}
+    "mend": None,        # {yaml, train: {host_hparams overrides}, val_records, edit_steps, edit_odedit, seeds, settings}
     "not_run": {},
     "ike": None,         # {k: 1}: EasyEdit's multimodal IKE alone, single editing (benchmark/ike.py)
     "leakage_check": 3,  # records per method and seed edited with real and with swapped evaluation fields
@@ -427,7 +427,9 @@ class MendMethod(Method):
     """MEND edited by EasyEdit's MEND executor from an archive meta-trained on the seed's train
     split: ``MEND`` (EasyEdit's objective, ``alg: MEND``) or ``MEND+ODEdit`` (``alg: ODEdit``, host
     MEND: EasyEdit's losses plus ODEdit's terms). Both edit through the same path (``enabled: false``,
-    ``optimiser.steps`` = ``edit_steps``, 0 by default: the executor's edit only)."""
+    ``optimiser.steps`` = ``edit_steps``, 0 by default: the executor's edit only). With
+    ``edit_odedit: true`` and ``edit_steps`` > 0, MEND+ODEdit also refines each edit under the ODEdit
+    objective (the refine family) while MEND alone refines under the edit's NLL, same steps."""
 
     def __init__(self, yaml_path: str, odedit: bool, mend: dict, archives):
         super().__init__("MEND", yaml_path, odedit)
@@ -449,7 +451,7 @@ class MendMethod(Method):
         host.update(archive=archive, lr_scale=float(host.get("lr_scale", 1.0)), alg="MEND")
         config["host_hparams"] = host
         config["optimiser"] = dict(config.get("optimiser") or {}, steps=int(self.mend.get("edit_steps", 0)))
-        _point_at_world(config, data, model_dir, seed, enabled=False)
+        _point_at_world(config, data, model_dir, seed, enabled=self.odedit and bool(self.mend.get("edit_odedit")))
         return ODEditHyperParams.from_dict(config, source_path=self.yaml_path)
 
     def host_lr(self, hp) -> Optional[float]:
