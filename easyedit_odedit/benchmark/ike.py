@@ -35,7 +35,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .run import EVALUATION_FIELDS, VQA, Method, Evaluation, e_results, build_editor, agreement
+from .run import EVALUATION_FIELDS, VQA, Method, Evaluation, e_results, build_editor, agreement, answer_ids
 
 # EasyEdit's demonstration / in-context format (``New Fact: <prompt> <target>\nPrompt: <question> <answer>``)
 FACT = "New Fact: {prompt} {target}\nPrompt: {question} {answer}\n\n"
@@ -298,8 +298,7 @@ class IkeMethod(Method):
             pre = _five(metrics[0]["pre"])
             post.update(self.locality(ev, request, prefix))
             in_context = [(m, kind, image, prefix + prompt, target) for m, kind, image, prompt, target in items]
-            extra_post = _answer_positions(ev.argmax(in_context))
-            extra_pre = _answer_positions(extra_pre)
+            extra_post = ev.argmax(in_context)  # answer positions only, as for every method
             positions.append(prompt_positions(editor.tok, state["icl"], request, request["prompt"], request["target"],
                                               _image_tokens(editor)))
             rows += run.rows_for(self, hp, setting, [(index, record)], [post], [pre], [extra_post], [extra_pre],
@@ -332,9 +331,7 @@ class IkeMethod(Method):
                 for prompt in (prefix + request[f"{key}_prompt"], request[f"{key}_prompt"]):
                     batch = ev._prepare(e.hparams, e.tok, target, prompt, image)
                     _, pred = ev._quality(e.model, batch)
-                    # the answer positions: the last ones of the row (the PyPI evaluator returns only
-                    # those, main's the whole row, zeros elsewhere)
-                    ids.append([int(x) for x in pred.reshape(-1)[-n_answer:]])
+                    ids.append(list(answer_ids(pred, n_answer)))
                 out[f"{key}_acc"] = agreement(ids[0], ids[1])
         return out
 
@@ -353,13 +350,6 @@ class IkeMethod(Method):
             free += all(s not in text for s in (record["rephrase"], record["loc"]))
         return {"records": len(records), "bit_identical": identical, "context_free": free,
                 "what": "IKE context (no weights change)"}
-
-
-def _answer_positions(pairs):
-    """(predicted ids, target ids) cut to the answer positions, the last ``len(target)`` of the row:
-    main's evaluator returns whole rows, and IKE's rows are longer than the plain ones they are
-    compared with (the PyPI evaluator already returns only the answer positions)."""
-    return [(tuple(ids[-len(labels):]), tuple(labels)) for ids, labels in pairs]
 
 
 def _image_tokens(editor) -> int:

@@ -331,11 +331,16 @@ class Evaluation:
                 _, pred_ids = self._quality(e.model, batch)
                 labels = batch["labels"].cpu().numpy()
                 for row, i in enumerate(idx):
-                    # the PyPI release returns the answer positions, main the whole row (0 outside the
-                    # answer, which ends every left-padded row): the last len(target) are the answer's
                     target = tuple(int(x) for x in labels[row])
-                    out[i] = (tuple(int(x) for x in pred_ids[row][-len(target):]), target)
+                    out[i] = (answer_ids(pred_ids[row], len(target)), target)
         return out  # type: ignore[return-value]
+
+
+def answer_ids(predicted, n_answer: int) -> tuple:
+    """The predictions at a row's ``n_answer`` answer positions, from what EasyEdit's evaluator
+    returns: the PyPI release returns those positions only, main the whole row (0 outside the
+    answer, which ends every left-padded row) - the last ``n_answer`` either way."""
+    return tuple(int(x) for x in predicted.reshape(-1)[-n_answer:])
 
 
 def e_results(result: dict) -> dict:

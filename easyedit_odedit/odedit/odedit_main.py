@@ -63,11 +63,21 @@ def _copy_back(model: torch.nn.Module, originals: Dict[str, torch.Tensor]) -> No
     with torch.no_grad():
         for name, value in originals.items():
             params[name].copy_(value)
+    _forget_restored(model, originals)
+
+
+def _forget_restored(model: torch.nn.Module, names=None) -> bool:
+    """Drops the history entries (of ``names``, default all) whose tensors equal their originals
+    again - restored by ODEdit, or by the PyPI editor copying the tensors back itself, without
+    ODEdit hearing of it. True when no changed tensor is left."""
     history = _HISTORY.get(model)
-    if history is not None:
-        for name in originals:
-            if name in history and torch.equal(history[name], params[name]):
-                del history[name]
+    if history is None:
+        return True
+    params = dict(model.named_parameters())
+    for name in list(history if names is None else names):
+        if name in history and (name not in params or torch.equal(history[name], params[name])):
+            del history[name]
+    return not history
 
 
 def restore_all(model: torch.nn.Module) -> int:
@@ -97,16 +107,13 @@ def _unwrap(model) -> MultimodalLMAdapter:
 
 
 def _past_edits(model: torch.nn.Module) -> List[dict]:
-    """The earlier edits still applied to ``model``. The PyPI editor restores a model by copying
-    the tensors back itself, without ODEdit hearing of it: once every tensor changed since the first
-    un-restored edit equals its original again, those edits are gone."""
+    """The earlier edits still applied to ``model``: none once every tensor changed since the first
+    un-restored edit equals its original again."""
     past = _PAST.get(model)
     if not past:
         return []
-    params = dict(model.named_parameters())
-    if all(name not in params or torch.equal(value, params[name]) for name, value in _HISTORY.get(model, {}).items()):
-        _PAST.pop(model)
-        _HISTORY.pop(model, None)
+    if _forget_restored(model):
+        del _PAST[model]
         return []
     return list(past)
 
