@@ -348,10 +348,21 @@ def _editor_init(original):
     def __init__(self, *args, **kwargs):
         try:
             original(self, *args, **kwargs)
+            _own_executor(self)
         finally:
             _dedupe_handlers(logging.getLogger(module("editors.multimodal_editor").__name__))
 
     return __init__
+
+
+def _own_executor(editor) -> None:
+    """EasyEdit's ``ALG_MULTIMODAL_DICT`` holds one executor per method for the whole process, and
+    the SERAC and MEND executors keep the first model and archive they load (``is_init``): a second
+    editor in the same process (another archive, another model) silently edited with the first one.
+    Each editor gets an executor of its own."""
+    executor = getattr(getattr(editor, "apply_algo", None), "__self__", None)
+    if executor is not None and hasattr(executor, "is_init"):
+        editor.apply_algo = type(executor)().apply_to_model
 
 
 TRAINER_INIT_HOOKS: list = []  # called with each trainer EasyEdit builds (registration adds ODEdit's)
@@ -425,6 +436,46 @@ def _install_model_factories() -> None:
                 setattr(mod, cls_name, _plugin_aware(current, path_kwarg))
 
 
+# ---------------------------------------------------------------------------------------------
+# SERAC: EasyEdit's SERAC_MULTI(...) calls, extended to plugin models (hosts/serac.py)
+# ---------------------------------------------------------------------------------------------
+# Where EasyEdit names SERAC_MULTI: its own module (SERAC_MULTI.edit builds the edited model by
+# that global name), the package's star-export, the SERAC executor's import.
+_SERAC_SITES = ("trainer.algs.SERAC", "trainer", "models.serac.serac_main")
+
+
+def easyedit_class(module_name: str, name: str):
+    """An EasyEdit class by module and name, as EasyEdit defined it (not a plugin factory)."""
+    value = getattr(module(module_name), name)
+    return getattr(value, "__odedit_original__", value)
+
+
+def _install_serac_factory() -> None:
+    from .hosts.serac import serac_multi
+
+    original = easyedit_class("trainer.algs.SERAC", "SERAC_MULTI")
+    serac_multi.__odedit_original__ = original
+    for name in _SERAC_SITES:
+        setattr(module(name), "SERAC_MULTI", serac_multi)
+    alg_train_dict()["SERAC_MULTI"] = serac_multi
+
+
+@contextlib.contextmanager
+def serac_projection_width(model, width: int):
+    """``SERAC_MULTI.__init__`` sizes a BLIP-2 projection from ``model.Qformer.config.hidden_size``,
+    which a plugin model does not have: a stand-in of the given width, for that call only."""
+    from types import SimpleNamespace
+
+    had = "Qformer" in vars(model)
+    if not had:
+        object.__setattr__(model, "Qformer", SimpleNamespace(config=SimpleNamespace(hidden_size=width)))
+    try:
+        yield
+    finally:
+        if not had:
+            object.__delattr__(model, "Qformer")
+
+
 def multimodal_evaluation():
     """The module of EasyEdit's multimodal evaluation functions (``compute_multimodal_edit_results``,
     ``prepare_multimodal_edit``, ``compute_multimodal_edit_quality``): ``evaluate.evaluate`` in the
@@ -458,6 +509,7 @@ def prepare_host() -> str:
     import_easyeditor()
     _wrap_entry_points()
     _install_model_factories()
+    _install_serac_factory()
     return flavour()
 
 

@@ -30,13 +30,6 @@ class ODEditTrainable:
 
     def __new__(cls, model, config, model_constructor):
         host_alg = config.host_params_alg
-        if host_alg == "SERAC_MULTI" and not hasattr(model, "Qformer"):
-            from .errors import ODEditError
-
-            raise ODEditError("host", "SERAC", "SERAC_MULTI reads the Q-Former of EasyEdit's own LAVIS BLIP-2/MiniGPT-4 "
-                              "classes (model.Qformer, model.query_tokens), which the plugin's models do not have and "
-                              "which cannot be built with transformers 5; use MEND (alg: ODEdit, host: MEND)",
-                              problem="needs EasyEdit's LAVIS model")
         host_cls = compat.alg_train_dict()[host_alg]
         return host_cls(model, config, model_constructor)
 

@@ -1,5 +1,5 @@
 """The MiniMMEdit bench runner end to end on a tiny config (shipped base model, FT-L alone and with
-ODEdit, 2 test records, 1 seed, 3 steps; MEND meta-trained for 6 iterations with each objective),
+ODEdit, 2 test records, 1 seed, 3 steps; MEND and SERAC meta-trained for 6 iterations with each objective),
 through the ``odedit bench`` command."""
 import json
 import math
@@ -14,6 +14,9 @@ UNIT = ("rel", "t_gen", "i_gen", "t_loc", "i_loc", "gen", "near", "near_shape", 
         "other_family", "i_gen_all", "hm")
 
 
+TINY_TRAINING = {"max_iters": 6, "val_interval": 3, "val_steps": 1, "batch_size": 2, "val_batch_size": 2}
+
+
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     from easyedit_odedit.cli import main
@@ -25,8 +28,9 @@ def bench(tmp_path_factory):
               "overrides": {"host_hparams": {"num_steps": 3, "lr": 3.0e-3}},
               "curve": {"hosts": ["FT-L"], "lrs": [1.0e-4, 3.0e-3], "n": 1},
               "mend": {"yaml": os.path.join(ROOT, "hparams/bench/minimmedit-mend-host.yaml"), "settings": ["single"],
-                       "train": {"max_iters": 6, "val_interval": 3, "val_steps": 1, "batch_size": 2,
-                                 "val_batch_size": 2}, "val_records": 2},
+                       "train": TINY_TRAINING, "val_records": 2},
+              "serac": {"yaml": os.path.join(ROOT, "hparams/bench/minimmedit-serac-host.yaml"),
+                        "train": TINY_TRAINING, "val_records": 2},
               "not_run": {"IKE": "not in this test"}}
     path = root / "tiny.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -39,6 +43,8 @@ def bench(tmp_path_factory):
 
 
 def test_outputs_and_fields(bench):
+    from easyedit_odedit.benchmark.run import SeracMethod
+
     out, res = bench
     for name in ("results.json", "results.md", "results.png", "edits.jsonl", "run.json"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0
@@ -50,10 +56,11 @@ def test_outputs_and_fields(bench):
     assert set(res["base_model"]["accuracy"]) >= {"colour", "shape", "yesno", "text_heldout"}
     assert res["record_counts"]["per_seed"]["3"]["n_test"] == 2
     assert set(res["summary"]) == {"single", "seq2"}
-    assert set(res["summary"]["single"]) == {"FT-L", "FT-L+ODEdit", "MEND", "MEND+ODEdit"}
-    assert set(res["summary"]["seq2"]) == {"FT-L", "FT-L+ODEdit"}
-    training = res["mend_training"]["3"]
-    assert set(training) == {"MEND", "ODEdit"} and all(os.path.isfile(t["archive"]) for t in training.values())
+    assert set(res["summary"]["single"]) == {"FT-L", "FT-L+ODEdit", "MEND", "MEND+ODEdit", "SERAC", "SERAC+ODEdit"}
+    assert set(res["summary"]["seq2"]) == {"FT-L", "FT-L+ODEdit"}  # MEND: settings [single]; SERAC: single only
+    for host, algs in (("MEND", {"MEND", "ODEdit"}), ("SERAC", {"SERAC_MULTI", "ODEdit"})):
+        training = res["meta_training"][host]["3"]
+        assert set(training) == algs and all(os.path.isfile(t["archive"]) for t in training.values())
     assert res["record_counts"]["edits"]["single"]["FT-L+ODEdit"] == 2
     assert res["record_counts"]["edits"]["seq2"]["FT-L"] == 2
     assert res["not_run"] == {"IKE": "not in this test"}
@@ -62,15 +69,18 @@ def test_outputs_and_fields(bench):
     md = (out / "results.md").read_text()
     assert "| FT-L+ODEdit |" in md and "Paired per-edit differences" in md
     # the no-leakage check ran for every method of the single-editing table (2 records each) and held
-    assert res["leakage"] == {m: {"3": {"records": 2, "bit_identical": 2}}
-                              for m in ("FT-L", "FT-L+ODEdit", "MEND", "MEND+ODEdit")}
+    weights_only = {"records": 2, "bit_identical": 2}
+    assert res["leakage"] == {**{m: {"3": weights_only} for m in ("FT-L", "FT-L+ODEdit", "MEND", "MEND+ODEdit")},
+                              **{m: {"3": dict(weights_only, what=SeracMethod.edit_kind)}
+                                 for m in ("SERAC", "SERAC+ODEdit")}}
+    assert "## SERAC meta-training" in md
     assert "## No leakage" in md
 
 
 def test_per_edit_values_are_fractions_with_time_and_memory(bench):
     _, res = bench
     rows = res["per_edit"]
-    assert len(rows) == 2 * 2 + 2 * 2 + 2 * 2 * 1 + 2 * 2  # single, seq2, curve, MEND single
+    assert len(rows) == 2 * 2 + 2 * 2 + 2 * 2 * 1 + 2 * 2 + 2 * 2  # single, seq2, curve, MEND and SERAC single
     for row in rows:
         for m in UNIT:
             assert row[m] is not None and 0.0 <= row[m] <= 1.0, (m, row[m])
@@ -130,7 +140,7 @@ def test_mend_meta_training_is_reproducible(bench, tmp_path):
     so the same seed gives the same archive whatever ran before."""
     import torch
 
-    from easyedit_odedit.benchmark.run import SHIPPED_MODEL, train_mend
+    from easyedit_odedit.benchmark.run import SHIPPED_MODEL, MendMethod, train_meta
 
     out, _ = bench
     with open(out / "data" / "seed3" / "manifest.json") as f:
@@ -141,7 +151,8 @@ def test_mend_meta_training_is_reproducible(bench, tmp_path):
     for i in range(2):
         torch.rand(7 + i)  # whatever ran before moves the global generator
         state = torch.get_rng_state()
-        training = train_mend(mend, "MEND", data, SHIPPED_MODEL, 3, str(tmp_path / f"run{i}"), progress=False)
+        training = train_meta(MendMethod, mend, "MEND", data, SHIPPED_MODEL, 3, str(tmp_path / f"run{i}"),
+                              progress=False)
         assert torch.equal(torch.get_rng_state(), state)
         archives.append(torch.load(training["archive"], map_location="cpu", weights_only=False)["model"])
     tensors = [k for k, v in archives[0].items() if torch.is_tensor(v)]
@@ -185,7 +196,7 @@ def test_mend_edit_time_refinement_has_the_same_steps_with_and_without_odedit(be
         data = json.load(f)
     mend = {"yaml": os.path.join(ROOT, "hparams/bench/minimmedit-mend-host.yaml"), "edit_steps": 4,
             "edit_odedit": edit_odedit}
-    hps = [MendMethod(mend["yaml"], odedit, mend, archives=lambda seed, alg: f"/archives/{alg}")
+    hps = [MendMethod(mend, odedit, trained=lambda seed, alg: {"archive": f"/archives/{alg}"})
            .hparams(data, SHIPPED_MODEL, 3) for odedit in (False, True)]
     assert [hp.optimiser.steps for hp in hps] == [4, 4]
     assert [bool(hp.enabled) for hp in hps] == [False, edit_odedit]

@@ -33,3 +33,9 @@ def test_train_mend(tmp_path):
     result = run_example("train_mend", "--iters", "8", "--work", str(tmp_path))
     assert result["changed"] == ["language_model.model.layers.2.mlp.down_proj.weight"] and result["restored"]
     assert "odedit/tv" in result["odedit_logs"]
+
+
+def test_train_serac(tmp_path):
+    result = run_example("train_serac", "--iters", "8", "--work", str(tmp_path))
+    assert len(result["memory"]) == 1 and result["unchanged"]
+    assert "odedit/gen_mmd" in result["odedit_logs"]

@@ -21,4 +21,4 @@ def test_shipped_yaml_loads(name):
             ODEditHyperParams.from_hparams(f"{root}/{name}")
         return
     hp = ODEditHyperParams.from_hparams(f"{root}/{name}")
-    assert hp.alg_name == "ODEdit" and hp.host in ("FT-L", "FT-V", "LoRA", "MEND", *ADAPTER_HOSTS)
+    assert hp.alg_name == "ODEdit" and hp.host in ("FT-L", "FT-V", "LoRA", "MEND", "SERAC", *ADAPTER_HOSTS)

@@ -150,21 +150,6 @@ def test_a_mend_archive_for_another_model_is_a_clear_error(world, tmp_path):
         _check_archive_matches(str(tmp_path / "junk"), model, inner)
 
 
-def test_serac_on_a_plugin_model_is_a_clear_error(world):
-    """EasyEdit's SERAC_MULTI reads LAVIS internals (model.Qformer); on a plugin model the ODEdit
-    trainable says so before EasyEdit fails deep inside."""
-    from types import SimpleNamespace
-
-    import pytest
-
-    from easyedit_odedit import ODEditError
-    from easyedit_odedit.models.loading import load_adapter
-    from easyedit_odedit.trainer import ODEditTrainable
-
-    with pytest.raises(ODEditError, match="SERAC.*MEND"):
-        ODEditTrainable(load_adapter(str(world / "model")), SimpleNamespace(host_params_alg="SERAC_MULTI"), None)
-
-
 def test_mend_executor_gives_each_weight_its_own_learned_edit_lr(world, tmp_path):
     """MEND learns one edit lr per inner parameter, paired by the order the config lists them.
     EasyEdit's PyPI executor paired them by the model's parameter order instead, so with

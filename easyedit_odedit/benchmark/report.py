@@ -179,7 +179,7 @@ def build(out: str, show: bool = True) -> Dict[str, Any]:
     results["paired"] = paired_differences(rows)
     results["time_memory"] = time_memory(rows)
     results["curve"] = curve_points(rows)
-    results["mend_training"] = meta.get("mend_training", {})
+    results["meta_training"] = meta.get("meta_training", {})
     results["leakage"] = meta.get("leakage", {})
     results["not_run"] = config.get("not_run", {})
     results["per_edit"] = rows
@@ -284,14 +284,15 @@ def markdown(results: Dict[str, Any]) -> str:
                 "–" if p.get(c) is None else f"{100 * p[c]:.1f}"
                 for c in ("rel", "t_gen", "i_gen_all", "i_loc", "near", "far", "hm")) + " |")
         lines.append("")
-    if results.get("mend_training"):
-        lines += ["## MEND meta-training (EasyEdit's MultimodalTrainer, train split; EasyEdit's validation on held-back train records)", "",
+    for host, by_seed in (results.get("meta_training") or {}).items():
+        lines += [f"## {host} meta-training (EasyEdit's MultimodalTrainer, train split; EasyEdit's validation on "
+                  "held-back train records)", "",
                   "| seed | objective | iters × batch | s | edit/acc_val | image_rephrase/acc_val | loc/acc_val | image_loc/acc_val |",
                   "|---|---|---:|---:|---:|---:|---:|---:|"]
-        for seed, by_alg in results["mend_training"].items():
+        for seed, by_alg in by_seed.items():
             for alg, info in by_alg.items():
                 val = info.get("val", {})
-                lines.append(f"| {seed} | {'MEND' if alg == 'MEND' else 'MEND+ODEdit (alg ODEdit)'} | "
+                lines.append(f"| {seed} | {f'{host}+ODEdit (alg ODEdit)' if alg == 'ODEdit' else host} | "
                              f"{info.get('max_iters')} × {info.get('batch_size')} | {info.get('seconds')} | " + " | ".join(
                                  "–" if k not in val else f"{100 * val[k]:.1f}"
                                  for k in ("edit/acc_val", "image_rephrase/acc_val", "loc/acc_val", "image_loc/acc_val")) + " |")
@@ -304,10 +305,12 @@ def markdown(results: Dict[str, Any]) -> str:
             total = sum(c["records"] for c in by_seed.values())
             same = sum(c["bit_identical"] for c in by_seed.values())
             what = next((c["what"] for c in by_seed.values() if c.get("what")), None)
-            if what:  # IKE: no weights; its in-context prompt is what must not depend on the evaluation fields
+            if what and any("context_free" in c for c in by_seed.values()):  # IKE: its in-context prompt
                 free = sum(c.get("context_free", 0) for c in by_seed.values())
                 lines.append(f"- {method}: {what} identical in {same} of {total} records; free of the record's "
                              f"held-out rephrase and text-locality question in {free} of {total}")
+            elif what:  # SERAC: its memory as well as the weights
+                lines.append(f"- {method}: {what} identical in {same} of {total} records")
             else:
                 lines.append(f"- {method}: {same} of {total} records")
         lines.append("")

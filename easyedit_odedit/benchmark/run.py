@@ -14,10 +14,12 @@ test records twice through the *same* code path - the host alone (the ODEdit YAM
   all T evaluated with EasyEdit's ``compute_multimodal_edit_results`` (locality against the outputs
   of the same function before the first edit), then ``easyedit_odedit.restore_all``.
 
-MEND (the config's ``mend:`` section): per seed, MEND is meta-trained on the train split with
-EasyEdit's own ``MultimodalTrainer`` twice - ``alg: MEND`` (EasyEdit's objective) and ``alg: ODEdit``
-(host MEND: EasyEdit's losses plus ODEdit's) - and each archive edits through EasyEdit's MEND
-executor (``MENDMultimodalHparams`` with ``archive``; ``enabled: false``, ``optimiser.steps: 0``).
+MEND and SERAC (the config's ``mend:`` / ``serac:`` sections): per seed, the host is meta-trained
+on the train split with EasyEdit's own ``MultimodalTrainer`` twice - with the host's own key
+(EasyEdit's objective) and with ``alg: ODEdit`` (EasyEdit's losses plus ODEdit's) - and each archive
+edits through EasyEdit's own executor: MEND's (``MENDMultimodalHparams`` with ``archive``; an
+optional per-edit refinement), SERAC's (``SERACMultimodalHparams``: the edit goes into SERAC's
+memory and the model EasyEdit returns is evaluated).
 
 Every edit is also scored on the protocol's extra evaluation (``eval_gen``, ``eval_near_shape``,
 ``eval_near_colour``, ``eval_far``, ``eval_other_family``; see ``EXTRA``), with EasyEdit's
@@ -79,6 +81,7 @@ DEFAULTS: Dict[str, Any] = {
     "variants": [],
     "curve": None,
     "mend": None,        # {yaml, train: {host_hparams overrides}, val_records, edit_steps, edit_odedit, seeds, settings}
+    "serac": None,       # {yaml, train: {host_hparams overrides}, val_records, seeds, settings}: single editing only
     "not_run": {},
     "ike": None,         # {k: 1}: EasyEdit's multimodal IKE alone, single editing (benchmark/ike.py)
     "leakage_check": 3,  # records per method and seed edited with real and with swapped evaluation fields
@@ -114,7 +117,7 @@ def load_config(path_or_dict) -> Dict[str, Any]:
         else:
             config[key] = value
     config["source"] = source
-    if not config["hosts"] and not config.get("ike") and not config.get("mend"):  # MEND or IKE alone: a probe
+    if not config["hosts"] and not config.get("ike") and not any(config.get(k) for k in META_TRAINED):  # a probe
         raise BenchConfigError("bench config: `hosts` must name at least one host: {FT-L: path/to/odedit.yaml}")
     config["hosts"] = {h: _find(p, base) for h, p in config["hosts"].items()}
     for variant in config["variants"]:
@@ -140,13 +143,15 @@ def load_config(path_or_dict) -> Dict[str, Any]:
                + [curve.get("n", 0) if curve else 0])
     if need > n_test:
         raise BenchConfigError(f"bench config: records.n_test = {n_test} but the settings need {need} test records")
-    mend = config.get("mend")
-    if mend:
-        if "yaml" not in mend:
-            raise BenchConfigError("bench config: mend needs `yaml` (an ODEdit YAML with host: MEND)")
-        mend["yaml"] = _find(mend["yaml"], base)
-        if int(mend.get("val_records", 10)) >= int(config["records"]["n_train"]):
-            raise BenchConfigError("bench config: mend.val_records must be smaller than records.n_train")
+    for key, method_cls in META_TRAINED.items():
+        section = config.get(key)
+        if not section:
+            continue
+        if "yaml" not in section:
+            raise BenchConfigError(f"bench config: {key} needs `yaml` (an ODEdit YAML with host: {method_cls.host_name})")
+        section["yaml"] = _find(section["yaml"], base)
+        if int(section.get("val_records", 10)) >= int(config["records"]["n_train"]):
+            raise BenchConfigError(f"bench config: {key}.val_records must be smaller than records.n_train")
     model = config["base_model"]
     config["base_model"] = SHIPPED_MODEL if model in (None, "shipped") else _find(model, base)
     return config
@@ -314,9 +319,11 @@ class Evaluation:
                 items.append((metric, kind, item["image"], VQA.format(item["question"]), item["answer"]))
         return items
 
-    def argmax(self, items: Sequence[Tuple[str, str, str, str, str]]) -> List[Tuple[tuple, tuple]]:
+    def argmax(self, items: Sequence[Tuple[str, str, str, str, str]], model=None) -> List[Tuple[tuple, tuple]]:
         """(predicted ids, target ids) on the answer positions of each item, through EasyEdit's
-        ``prepare_multimodal_edit`` + ``compute_multimodal_edit_quality``; batched per target length."""
+        ``prepare_multimodal_edit`` + ``compute_multimodal_edit_quality``; batched per target length.
+        ``model``: the edited model EasyEdit's algorithm returned (SERAC's is not the editor's own
+        model); the editor's model by default."""
         import torch
 
         e = self.editor
@@ -328,7 +335,7 @@ class Evaluation:
             for idx in groups.values():
                 images = torch.stack([self.image(items[i][2]) for i in idx]).to(f"cuda:{e.hparams.device}")
                 batch = self._prepare(e.hparams, e.tok, [items[i][4] for i in idx], [items[i][3] for i in idx], images)
-                _, pred_ids = self._quality(e.model, batch)
+                _, pred_ids = self._quality(e.model if model is None else model, batch)
                 labels = batch["labels"].cpu().numpy()
                 for row, i in enumerate(idx):
                     target = tuple(int(x) for x in labels[row])
@@ -389,6 +396,8 @@ def harmonic(a: Optional[float], b: Optional[float]) -> Optional[float]:
 class Method:
     """One row of the table: a host alone, with ODEdit, or an ODEdit variant."""
 
+    edit_kind: Optional[str] = None  # what an edit leaves, where it is not only weights (no-leakage check)
+
     def __init__(self, host: str, yaml_path: str, odedit: bool, variant: Optional[str] = None,
                  overrides: Optional[dict] = None, lr: Optional[float] = None, common: Optional[dict] = None):
         self.host, self.yaml_path, self.odedit = host, yaml_path, odedit
@@ -416,6 +425,16 @@ class Method:
     def host_lr(self, hp) -> Optional[float]:
         return float(getattr(hp.host_params, "lr", float("nan"))) if hasattr(hp.host_params, "lr") else None
 
+    @staticmethod
+    def edited_state(editor, hp, requests) -> dict:
+        """What an edit of ``requests`` leaves in the model: every tensor, after which it is undone."""
+        from ..odedit.odedit_main import apply_odedit_to_multimodal_model
+
+        _, restore = apply_odedit_to_multimodal_model(editor.model, editor.tok, requests, hp, keep_original_weight=True)
+        state = {k: v.detach().clone() for k, v in editor.model.state_dict().items()}
+        restore()
+        return state
+
 
 def _point_at_world(config: dict, data: Dict[str, str], model_dir: str, seed: int, enabled: bool) -> None:
     """The model, image roots, seed and train-split pool of one bench world, into an ODEdit config."""
@@ -428,47 +447,116 @@ def _point_at_world(config: dict, data: Dict[str, str], model_dir: str, seed: in
     config["environments"] = env
 
 
-class MendMethod(Method):
-    """MEND edited by EasyEdit's MEND executor from an archive meta-trained on the seed's train
-    split: ``MEND`` (EasyEdit's objective, ``alg: MEND``) or ``MEND+ODEdit`` (``alg: ODEdit``, host
-    MEND: EasyEdit's losses plus ODEdit's terms). Both edit through the same path (``enabled: false``,
-    ``optimiser.steps`` = ``edit_steps``, 0 by default: the executor's edit only). With
-    ``edit_odedit: true`` and ``edit_steps`` > 0, MEND+ODEdit also refines each edit under the ODEdit
-    objective (the refine family) while MEND alone refines under the edit's NLL, same steps."""
+class MetaTrainedMethod(Method):
+    """A host meta-trained per seed on the train split with EasyEdit's own ``MultimodalTrainer``
+    (``train_meta``): the host alone with EasyEdit's objective (``alg`` = the host's key), the host
+    with ODEdit with ``alg: ODEdit`` (EasyEdit's losses plus ODEdit's terms). ``trained(seed, alg)``
+    gives the training's record (``archive``, ...), training on first use."""
 
-    def __init__(self, yaml_path: str, odedit: bool, mend: dict, archives):
-        super().__init__("MEND", yaml_path, odedit)
-        self.mend, self.archives = mend, archives
+    section_key: str = ""   # the bench config's section
+    host_name: str = ""     # the plugin's host name (registry)
+    host_alg: str = ""      # EasyEdit's training key
+    only_settings: Optional[Tuple[str, ...]] = None  # the settings it can run (None: all)
+
+    def __init__(self, section: dict, odedit: bool, trained=None):
+        super().__init__(self.host_name, section["yaml"], odedit)
+        self.section, self.trained = section, trained
+
+    @property
+    def training_alg(self) -> str:
+        return "ODEdit" if self.odedit else self.host_alg
+
+    def host_fields(self, editing_class) -> dict:
+        """The section's host fields that EasyEdit's editing hparams class takes."""
+        import dataclasses
+
+        with open(self.yaml_path) as f:
+            config = yaml.safe_load(f)
+        names = {f.name for f in dataclasses.fields(editing_class)}
+        host = _merge(config["host_hparams"], self.section.get("train") or {})
+        return config, {k: v for k, v in host.items() if k in names}
+
+
+class MendMethod(MetaTrainedMethod):
+    """MEND edited by EasyEdit's MEND executor from its archive: both rows edit through the same path
+    (``enabled: false``, ``optimiser.steps`` = ``edit_steps``, 0 by default: the executor's edit
+    only). With ``edit_odedit: true`` and ``edit_steps`` > 0, MEND+ODEdit also refines each edit under
+    the ODEdit objective (the refine family) while MEND alone refines under the edit's NLL, same steps."""
+
+    section_key, host_name, host_alg = "mend", "MEND", "MEND"
 
     def hparams(self, data: Dict[str, str], model_dir: str, seed: int):
         from .. import compat
         from ..odedit.odedit_hparams import ODEditHyperParams
 
-        archive = self.archives(seed, "ODEdit" if self.odedit else "MEND")
-        with open(self.yaml_path) as f:
-            config = yaml.safe_load(f)
-        editing = compat.import_easyeditor().MENDMultimodalHparams
-        import dataclasses
-
-        names = {f.name for f in dataclasses.fields(editing)}
-        host = _merge(config["host_hparams"], self.mend.get("train") or {})
-        host = {k: v for k, v in host.items() if k in names}
-        host.update(archive=archive, lr_scale=float(host.get("lr_scale", 1.0)), alg="MEND")
+        config, host = self.host_fields(compat.import_easyeditor().MENDMultimodalHparams)
+        host.update(archive=self.trained(seed, self.training_alg)["archive"],
+                    lr_scale=float(host.get("lr_scale", 1.0)), alg="MEND")
         config["host_hparams"] = host
-        config["optimiser"] = dict(config.get("optimiser") or {}, steps=int(self.mend.get("edit_steps", 0)))
-        _point_at_world(config, data, model_dir, seed, enabled=self.odedit and bool(self.mend.get("edit_odedit")))
+        config["optimiser"] = dict(config.get("optimiser") or {}, steps=int(self.section.get("edit_steps", 0)))
+        _point_at_world(config, data, model_dir, seed, enabled=self.odedit and bool(self.section.get("edit_odedit")))
         return ODEditHyperParams.from_dict(config, source_path=self.yaml_path)
 
     def host_lr(self, hp) -> Optional[float]:
         return float(hp.host_params.edit_lr)
 
 
-def train_mend(mend: dict, alg: str, data: Dict[str, str], model_dir: str, seed: int, results_dir: str,
-               progress: bool = True) -> Dict[str, Any]:
-    """Meta-train MEND on the train split with EasyEdit's own ``MultimodalTrainer``: ``alg: MEND``
-    (EasyEdit's ``MENDMultimodalTrainingHparams``) or ``alg: ODEdit`` (host MEND). The last
-    ``val_records`` train records are the validation set. Returns the archive path and EasyEdit's
-    final validation metrics."""
+class SeracMethod(MetaTrainedMethod):
+    """SERAC edited by EasyEdit's own SERAC executor (``SERACMultimodalHparams`` with the archive):
+    the edit goes into SERAC's memory, no weight changes; the edited model EasyEdit returns (the
+    base model, the scope classifier and the counterfactual model with the edit in memory) is what
+    is evaluated. ODEdit acts through meta-training only (SERAC has no weights an edit changes)."""
+
+    section_key, host_name, host_alg = "serac", "SERAC", "SERAC_MULTI"
+    edit_kind = "SERAC's memory (the edit texts it keeps) and every weight"
+    # EasyEdit's SERAC executor edits its unedited SERAC every time (a memory of one edit): no sequence
+    only_settings = ("single",)
+
+    def hparams(self, data: Dict[str, str], model_dir: str, seed: int):
+        from .. import compat
+        from ..hosts.easyedit_native import build_easyedit_hparams
+
+        training = self.trained(seed, self.training_alg)
+        _, host = self.host_fields(compat.import_easyeditor().SERACMultimodalHparams)
+        host.update(archive=training["archive"], cls_name=training["cls_name"], alg_name="SERAC_MULTI")
+        return build_easyedit_hparams("SERAC", host, _model_fields(self.yaml_path, data, model_dir), "bench serac")
+
+    def host_lr(self, hp) -> Optional[float]:
+        return None
+
+    @staticmethod
+    def edited_state(editor, hp, requests) -> dict:
+        """SERAC's edit is its memory: the texts it keeps, and the weights (which must not change)."""
+        edited, _ = editor.apply_algo(editor.model, editor.tok, requests, hp, keep_original_weight=True)
+        tensors = {**{f"base.{k}": v for k, v in editor.model.state_dict().items()},
+                   **{k: v for k, v in edited.state_dict().items() if hasattr(v, "detach")}}
+        return {"memory": (list(edited.cache_inputs), list(edited.cache_labels)),
+                **{k: v.detach().clone() for k, v in tensors.items()}}
+
+
+def _model_fields(yaml_path: str, data: Dict[str, str], model_dir: str, results_dir: Optional[str] = None) -> dict:
+    """The model and image fields EasyEdit's own hparams classes take, for one bench world."""
+    with open(yaml_path) as f:
+        config = yaml.safe_load(f)
+    image_root = os.path.abspath(data["image_root"])
+    fields = dict(model_name="blip2", name=model_dir, tokenizer_name=model_dir,
+                  tokenizer_class=config.get("tokenizer_class", "PreTrainedTokenizerFast"),
+                  coco_image=image_root, rephrase_image=image_root, device=config.get("device", 0))
+    if results_dir is not None:
+        fields["results_dir"] = results_dir
+    return fields
+
+
+META_TRAINED = {"mend": MendMethod, "serac": SeracMethod}
+
+
+def train_meta(method_cls, section: dict, alg: str, data: Dict[str, str], model_dir: str, seed: int,
+               results_dir: str, progress: bool = True) -> Dict[str, Any]:
+    """Meta-train a host (MEND, SERAC) on the train split with EasyEdit's own ``MultimodalTrainer``:
+    ``alg`` = the host's key (EasyEdit's training hparams class) or ``ODEdit`` (the section's ODEdit
+    YAML). The last ``val_records`` train records are the validation set. SERAC's scope classifier
+    starts from a small BERT over the model's vocabulary (``hosts.serac``), the same per seed for
+    both objectives. Returns the archive path and EasyEdit's final validation metrics."""
     from easyeditor import MultimodalTrainer
 
     from .. import compat
@@ -476,23 +564,27 @@ def train_mend(mend: dict, alg: str, data: Dict[str, str], model_dir: str, seed:
     from ..odedit.odedit_hparams import ODEditHyperParams
     from ..odedit.odedit_main import seeded
 
-    with open(mend["yaml"]) as f:
+    with open(section["yaml"]) as f:
         config = yaml.safe_load(f)
-    host = _merge(config["host_hparams"], mend.get("train") or {})
+    host = _merge(config["host_hparams"], section.get("train") or {})
     host.update(seed=int(seed), archive=None)
-    image_root = os.path.abspath(data["image_root"])
-    model_fields = dict(model_name="blip2", name=model_dir, tokenizer_name=model_dir,
-                        tokenizer_class=config.get("tokenizer_class", "PreTrainedTokenizerFast"),
-                        coco_image=image_root, rephrase_image=image_root, results_dir=results_dir,
-                        device=config.get("device", 0))
-    if alg == "MEND":
-        hp = build_easyedit_hparams("MEND", dict(host, alg="MEND"), model_fields, "bench mend")
+    extra = {}
+    if method_cls is SeracMethod:
+        from ..hosts.serac import scope_classifier_for
+
+        folder = os.path.join(os.path.dirname(results_dir), "scope-bert")
+        host["cls_name"] = extra["cls_name"] = scope_classifier_for(model_dir, folder, seed=int(seed))
+    model_fields = _model_fields(section["yaml"], data, model_dir, results_dir)
+    if alg != "ODEdit":
+        hp = build_easyedit_hparams(method_cls.host_name, dict(host, alg=alg), model_fields,
+                                    f"bench {method_cls.section_key}")
     else:
         env = dict(config.get("environments") or {})
-        env.update(locality_pool=os.path.abspath(data["locality_pool"]), locality_image_root=image_root)
+        env.update(locality_pool=os.path.abspath(data["locality_pool"]),
+                   locality_image_root=os.path.abspath(data["image_root"]))
         hp = ODEditHyperParams.from_dict(dict(config, host_hparams=host, environments=env, seed=int(seed),
-                                              **model_fields), source_path=mend["yaml"])
-    n_val = int(mend.get("val_records", 10))
+                                              **model_fields), source_path=section["yaml"])
+    n_val = int(section.get("val_records", 10))
     with open(data["train"]) as f:
         records = json.load(f)
     split = {"fit": records[:-n_val], "val": records[-n_val:]}
@@ -504,8 +596,8 @@ def train_mend(mend: dict, alg: str, data: Dict[str, str], model_dir: str, seed:
             json.dump(recs, f)
     VQADataset = compat.module("dataset.vqa").VQADataset
     start = time.perf_counter()
-    # EasyEdit's MultimodalTrainer ignores config.seed: MEND's initial hypernetwork (torch.randn) and the
-    # shuffled batch order come from the global generators, so unseeded runs trained different MENDs
+    # EasyEdit's MultimodalTrainer ignores config.seed: initial weights (MEND's torch.randn) and the
+    # shuffled batch order come from the global generators, so unseeded runs trained different hosts
     with seeded(int(seed)):
         trainer = MultimodalTrainer(config=hp, train_set=VQADataset(paths["fit"], config=hp),
                                     val_set=VQADataset(paths["val"], config=hp))
@@ -516,10 +608,10 @@ def train_mend(mend: dict, alg: str, data: Dict[str, str], model_dir: str, seed:
         val = json.load(f).get("results", {})
     archive = os.path.join(results_dir, "models", alg, "blip2")
     if not os.path.isfile(archive):
-        raise RuntimeError(f"MEND training ({alg}) wrote no archive at {archive}")
+        raise RuntimeError(f"{method_cls.host_alg} training ({alg}) wrote no archive at {archive}")
     return {"archive": archive, "alg": alg, "seconds": round(seconds, 1), "n_fit": len(split["fit"]),
             "n_val": len(split["val"]), "max_iters": host.get("max_iters"), "batch_size": host.get("batch_size"),
-            "val": {k: float(v) for k, v in val.items() if isinstance(v, (int, float))}}
+            "val": {k: float(v) for k, v in val.items() if isinstance(v, (int, float))}, **extra}
 
 
 def _quiet_easyedit() -> None:
@@ -548,17 +640,21 @@ class SeedRun:
             self.test = json.load(f)
         self._pre_extra: Dict[tuple, tuple] = {}
         self.images: Dict[str, Any] = {}  # evaluation images of this seed, shared by every method
-        self.mend_training: Dict[str, Dict[str, Any]] = {}
+        self.meta_training: Dict[str, Dict[str, Dict[str, Any]]] = {}  # host -> alg -> training record
         self.leakage: Dict[str, Dict[str, int]] = {}
 
-    def mend_archive(self, seed: int, alg: str) -> str:
-        """The seed's MEND archive trained with ``alg`` (trained on first use)."""
-        assert seed == self.seed
-        if alg not in self.mend_training:
-            results_dir = os.path.join(self.out, "mend", f"seed{seed}", alg)
-            self.mend_training[alg] = train_mend(self.config["mend"], alg, self.data, self.config["base_model"],
-                                                 seed, results_dir, self.progress)
-        return self.mend_training[alg]["archive"]
+    def trainer_for(self, method: MetaTrainedMethod):
+        """``method.trained``: the seed's training of that host with ``alg`` (trained on first use)."""
+        def trained(seed: int, alg: str) -> Dict[str, Any]:
+            assert seed == self.seed
+            done = self.meta_training.setdefault(method.host_name, {})
+            if alg not in done:
+                results_dir = os.path.join(self.out, method.section_key, f"seed{seed}", alg)
+                done[alg] = train_meta(type(method), self.config[method.section_key], alg, self.data,
+                                       self.config["base_model"], seed, results_dir, self.progress)
+            return done[alg]
+
+        return trained
 
     # -- pre-edit references on the unedited model (the same for every method of this seed) --
     def pre_extra(self, ev: Evaluation, record: dict, items) -> list:
@@ -610,7 +706,7 @@ class SeedRun:
             start = time.perf_counter()
             result = original_apply(model, tok, requests, hparams, **kwargs)
             state["timing"] = (time.perf_counter() - start, self.peak.peak_mib(), before)
-            state["extra_post"] = ev.argmax(state["items"])
+            state["extra_post"] = ev.argmax(state["items"], model=result[0])
             return result
 
         editor.apply_algo = timed_apply
@@ -629,27 +725,23 @@ class SeedRun:
                                   [extra_pre], [items], [state["timing"]])
         self._check_restored(editor, snapshot)
         if setting == "single":
-            self.leakage[method.name] = self.leakage_check(editor, hp, ev, records[:int(self.config["leakage_check"])])
+            self.leakage[method.name] = self.leakage_check(method, editor, hp, ev,
+                                                           records[:int(self.config["leakage_check"])])
         return rows
 
-    def leakage_check(self, editor, hp, ev: Evaluation, records: List[Tuple[int, dict]]) -> Dict[str, int]:
+    def leakage_check(self, method: Method, editor, hp, ev: Evaluation,
+                      records: List[Tuple[int, dict]]) -> Dict[str, int]:
         """The protocol's no-leakage rule, for this method: each record edited twice - as it is, and
-        with the next record's evaluation fields - must give bit-identical weights."""
-        import torch
-
-        from ..odedit.odedit_main import apply_odedit_to_multimodal_model
-
+        with the next record's evaluation fields - must give a bit-identical edit."""
         identical = 0
         for (_, record), (_, other) in zip(records, records[1:] + records[:1]):
             swapped = {**record, **{k: other[k] for k in EVALUATION_FIELDS}}
-            edited = []
-            for rec in (record, swapped):
-                _, restore = apply_odedit_to_multimodal_model(editor.model, editor.tok, ev.requests([rec]), hp,
-                                                              keep_original_weight=True)
-                edited.append({k: v.detach().clone() for k, v in editor.model.state_dict().items()})
-                restore()
-            identical += all(torch.equal(edited[0][k], edited[1][k]) for k in edited[0])
-        return {"records": len(records), "bit_identical": identical}
+            edits = [method.edited_state(editor, hp, ev.requests([rec])) for rec in (record, swapped)]
+            identical += all(_equal(edits[0][k], edits[1][k]) for k in edits[0])
+        check = {"records": len(records), "bit_identical": identical}
+        if method.edit_kind:
+            check["what"] = method.edit_kind
+        return check
 
     # -- sequential editing ----------------------------------------------------------------
     def sequential(self, method: Method, T: int, chunk: int) -> List[dict]:
@@ -698,7 +790,9 @@ class SeedRun:
 def _equal(a, b) -> bool:
     import torch
 
-    return torch.equal(a, b)
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    return a == b
 
 
 # -------------------------------------------------------------------------------------------------
@@ -715,11 +809,13 @@ def methods(config: dict) -> List[Tuple[Method, List[str]]]:
         out.append((Method(v["host"], config["hosts"][v["host"]], bool(v.get("odedit", True)), variant=v["name"],
                            overrides=v.get("overrides"), common=config["overrides"]),
                     [s for s in settings if s in v.get("settings", settings)]))
-    mend = config.get("mend")
-    if mend:
-        for odedit in (False, True):
-            out.append((MendMethod(mend["yaml"], odedit, mend, archives=None),
-                        [s for s in settings if s in mend.get("settings", settings)]))
+    for key, method_cls in META_TRAINED.items():
+        section = config.get(key)
+        if section:
+            runs = [s for s in settings if s in section.get("settings", settings)
+                    and (method_cls.only_settings is None or s in method_cls.only_settings)]
+            for odedit in (False, True):
+                out.append((method_cls(section, odedit), runs))
     if config.get("ike"):
         from .ike import IkeMethod
 
@@ -741,10 +837,9 @@ def plan(config: dict) -> List[Tuple[int, Method, str, Optional[int]]]:
     seq = config["settings"].get("sequential") or {}
     jobs = []
     curve = config.get("curve") or {}
-    mend_seeds = (config.get("mend") or {}).get("seeds", config["seeds"])
     for seed in config["seeds"]:
         for method, settings in methods(config):
-            if isinstance(method, MendMethod) and seed not in mend_seeds:
+            if isinstance(method, MetaTrainedMethod) and seed not in method.section.get("seeds", config["seeds"]):
                 continue
             for setting in settings:
                 if setting == "single":
@@ -797,11 +892,12 @@ def run_bench(config_or_path, out: str, progress: bool = True, report: bool = Tr
                 _drop_pool_image_cache()  # the previous seed's pool images are not used again
                 seeds_done = {seed: SeedRun(config, seed, data, out, peak, progress)}
             run = seeds_done[seed]
-            if isinstance(method, MendMethod):
-                method.archives = run.mend_archive
-                if setting == "single" and not run.mend_training.get("ODEdit" if method.odedit else "MEND"):
-                    bar.set_postfix_str(f"seed {seed}: meta-training {method.name}")
-            bar.set_postfix_str(f"seed {seed} {setting} {method.name}")
+            training = False
+            if isinstance(method, MetaTrainedMethod):
+                method.trained = run.trainer_for(method)
+                training = method.training_alg not in run.meta_training.get(method.host_name, {})
+            bar.set_postfix_str(f"seed {seed} " + (f"meta-training {method.name}, then " if training else "")
+                                + f"{setting} {method.name}")
             if setting == "single":
                 rows = run.single(method, int(config["settings"]["single"]["n"]))
             elif setting == "curve":
@@ -811,8 +907,8 @@ def run_bench(config_or_path, out: str, progress: bool = True, report: bool = Tr
             for row in rows:
                 sink.write(json.dumps(row) + "\n")
             sink.flush()
-            if run.mend_training:
-                meta.setdefault("mend_training", {})[str(seed)] = run.mend_training
+            for host, by_alg in run.meta_training.items():
+                meta.setdefault("meta_training", {}).setdefault(host, {})[str(seed)] = by_alg
             for name, check in run.leakage.items():
                 meta.setdefault("leakage", {}).setdefault(name, {})[str(seed)] = check
     meta["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
