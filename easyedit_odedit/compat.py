@@ -362,7 +362,24 @@ def _own_executor(editor) -> None:
     Each editor gets an executor of its own."""
     executor = getattr(getattr(editor, "apply_algo", None), "__self__", None)
     if executor is not None and hasattr(executor, "is_init"):
-        editor.apply_algo = type(executor)().apply_to_model
+        executor = type(executor)()
+        one = flavour() == MAIN and type(executor).__name__ in _ONE_REQUEST_EXECUTORS
+        editor.apply_algo = _one_request(executor.apply_to_model) if one else executor.apply_to_model
+
+
+# GitHub main's MultimodalEditor.edit passes ``[request]`` to every executor, but its multimodal MEND
+# and SERAC executors read one request (``request["prompt"]``): every single edit failed there.
+_ONE_REQUEST_EXECUTORS = ("SeracMultimodalRewriteExecutor", "MendMultimodalRewriteExecutor")
+
+
+def _one_request(apply):
+    @functools.wraps(apply)
+    def call(model, tok, request, *args, **kwargs):
+        if isinstance(request, (list, tuple)) and len(request) == 1:
+            request = request[0]
+        return apply(model, tok, request, *args, **kwargs)
+
+    return call
 
 
 TRAINER_INIT_HOOKS: list = []  # called with each trainer EasyEdit builds (registration adds ODEdit's)
