@@ -365,6 +365,12 @@ def _own_executor(editor) -> None:
         executor = type(executor)()
         one = flavour() == MAIN and type(executor).__name__ in _ONE_REQUEST_EXECUTORS
         editor.apply_algo = _one_request(executor.apply_to_model) if one else executor.apply_to_model
+        editor.odedit_executor = executor  # e.g. to continue SERAC's memory from an edited SERAC
+
+
+def editor_executor(editor):
+    """The executor behind ``editor.apply_algo`` (MEND, SERAC), or None."""
+    return getattr(editor, "odedit_executor", None)
 
 
 # GitHub main's MultimodalEditor.edit passes ``[request]`` to every executor, but its multimodal MEND

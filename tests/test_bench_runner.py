@@ -30,7 +30,7 @@ def bench(tmp_path_factory):
               "mend": {"yaml": os.path.join(ROOT, "hparams/bench/minimmedit-mend-host.yaml"), "settings": ["single"],
                        "train": TINY_TRAINING, "val_records": 2},
               "serac": {"yaml": os.path.join(ROOT, "hparams/bench/minimmedit-serac-host.yaml"),
-                        "train": TINY_TRAINING, "val_records": 2},
+                        "train": TINY_TRAINING, "val_records": 2},  # single and seq2
               "not_run": {"IKE": "not in this test"}}
     path = root / "tiny.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -57,7 +57,7 @@ def test_outputs_and_fields(bench):
     assert res["record_counts"]["per_seed"]["3"]["n_test"] == 2
     assert set(res["summary"]) == {"single", "seq2"}
     assert set(res["summary"]["single"]) == {"FT-L", "FT-L+ODEdit", "MEND", "MEND+ODEdit", "SERAC", "SERAC+ODEdit"}
-    assert set(res["summary"]["seq2"]) == {"FT-L", "FT-L+ODEdit"}  # MEND: settings [single]; SERAC: single only
+    assert set(res["summary"]["seq2"]) == {"FT-L", "FT-L+ODEdit", "SERAC", "SERAC+ODEdit"}  # MEND: [single]
     for host, algs in (("MEND", {"MEND", "ODEdit"}), ("SERAC", {"SERAC_MULTI", "ODEdit"})):
         training = res["meta_training"][host]["3"]
         assert set(training) == algs and all(os.path.isfile(t["archive"]) for t in training.values())
@@ -80,7 +80,7 @@ def test_outputs_and_fields(bench):
 def test_per_edit_values_are_fractions_with_time_and_memory(bench):
     _, res = bench
     rows = res["per_edit"]
-    assert len(rows) == 2 * 2 + 2 * 2 + 2 * 2 * 1 + 2 * 2 + 2 * 2  # single, seq2, curve, MEND and SERAC single
+    assert len(rows) == 2 * 2 + 2 * 2 + 2 * 2 * 1 + 2 * 2 + 2 * 2 * 2  # single, seq2, curve, MEND single, SERAC both
     for row in rows:
         for m in UNIT:
             assert row[m] is not None and 0.0 <= row[m] <= 1.0, (m, row[m])

@@ -165,3 +165,25 @@ def test_each_editor_edits_with_its_own_archive(world, tmp_path, classifier):
         _, edited, _ = editor.edit(**edit_kwargs(world), keep_original_weight=True, verbose=False)
         scales.append(float(edited.scale))
     assert scales == [1.0, 2.0]
+
+
+def test_a_sequence_grows_serac_memory_and_ends_clean(world, tmp_path, classifier):
+    """The bench's SERAC sequence: each edit continues from the SERAC the last one returned (EasyEdit's
+    executor would start from its unedited SERAC each time); its end resets to the archive's SERAC."""
+    from easyeditor import MultimodalEditor
+
+    from easyedit_odedit.benchmark.run import SeracMethod
+
+    _, _, archive = _train(world, tmp_path, classifier, "SERAC_MULTI")
+    host = {k: v for k, v in HOST.items() if k != "alg"}
+    host.update(archive=str(archive), cls_name=classifier, alg_name="SERAC_MULTI")
+    hp = build_easyedit_hparams("SERAC", host, _fields(world, tmp_path), "t")
+    editor = MultimodalEditor.from_hparams(hp)
+    with compat.host_scope():
+        requests = editor._prepare_requests([PROMPT, PROMPT], ["green", "blue"],
+                                            [str(world / "img" / "0.png"), str(world / "img" / "1.png")],
+                                            locality_inputs={})
+    memories = [SeracMethod.edit_in_sequence(editor, hp, r).cache_inputs for r in requests]
+    assert memories == [[f"{PROMPT} green"], [f"{PROMPT} green", f"{PROMPT} blue"]]
+    SeracMethod.end_sequence(editor)
+    assert SeracMethod.edit_in_sequence(editor, hp, requests[1]).cache_inputs == [f"{PROMPT} blue"]

@@ -305,11 +305,13 @@ class Evaluation:
         with self.compat.host_scope():
             return self.editor._prepare_requests(**self.edit_arguments(records))
 
-    def five(self, request: dict) -> dict:
-        """EasyEdit's ``compute_multimodal_edit_results`` on the editor's model as it is now."""
+    def five(self, request: dict, model=None) -> dict:
+        """EasyEdit's ``compute_multimodal_edit_results`` on ``model`` (the editor's model as it is
+        now by default)."""
         e = self.editor
         with self.compat.host_scope():
-            return e_results(self._results(e.model, e.model_name, e.hparams, e.tok, request, e.hparams.device))
+            return e_results(self._results(e.model if model is None else model, e.model_name, e.hparams, e.tok,
+                                           request, e.hparams.device))
 
     def extra_items(self, record: dict) -> List[Tuple[str, str, str, str, str]]:
         """(metric, kind, image, prompt, target) for every extra evaluation item of a record."""
@@ -435,6 +437,20 @@ class Method:
         restore()
         return state
 
+    @staticmethod
+    def edit_in_sequence(editor, hp, request):
+        """One edit of a sequence, kept; returns the model to evaluate."""
+        from ..odedit.odedit_main import apply_odedit_to_multimodal_model
+
+        apply_odedit_to_multimodal_model(editor.model, editor.tok, [request], hp, keep_original_weight=False)
+        return editor.model
+
+    @staticmethod
+    def end_sequence(editor) -> None:
+        from .. import restore_all
+
+        restore_all(editor.model)
+
 
 def _point_at_world(config: dict, data: Dict[str, str], model_dir: str, seed: int, enabled: bool) -> None:
     """The model, image roots, seed and train-split pool of one bench world, into an ODEdit config."""
@@ -456,7 +472,6 @@ class MetaTrainedMethod(Method):
     section_key: str = ""   # the bench config's section
     host_name: str = ""     # the plugin's host name (registry)
     host_alg: str = ""      # EasyEdit's training key
-    only_settings: Optional[Tuple[str, ...]] = None  # the settings it can run (None: all)
 
     def __init__(self, section: dict, odedit: bool, trained=None):
         super().__init__(self.host_name, section["yaml"], odedit)
@@ -466,7 +481,7 @@ class MetaTrainedMethod(Method):
     def training_alg(self) -> str:
         return "ODEdit" if self.odedit else self.host_alg
 
-    def host_fields(self, editing_class) -> dict:
+    def host_fields(self, editing_class) -> Tuple[dict, dict]:
         """The section's host fields that EasyEdit's editing hparams class takes."""
         import dataclasses
 
@@ -509,8 +524,6 @@ class SeracMethod(MetaTrainedMethod):
 
     section_key, host_name, host_alg = "serac", "SERAC", "SERAC_MULTI"
     edit_kind = "SERAC's memory (the edit texts it keeps) and every weight"
-    # EasyEdit's SERAC executor edits its unedited SERAC every time (a memory of one edit): no sequence
-    only_settings = ("single",)
 
     def hparams(self, data: Dict[str, str], model_dir: str, seed: int):
         from .. import compat
@@ -525,9 +538,32 @@ class SeracMethod(MetaTrainedMethod):
         return None
 
     @staticmethod
+    def edit_in_sequence(editor, hp, request):
+        """EasyEdit's SERAC executor edits its own unedited SERAC each time (a memory of one edit):
+        for a sequence it continues from the SERAC the last edit returned, so the memory grows."""
+        from .. import compat
+
+        with compat.host_scope():  # EasyEdit's executor outside its editor's own (scoped) entry points
+            edited, _ = editor.apply_algo(editor.model, editor.tok, [request], hp, keep_original_weight=False)
+        compat.editor_executor(editor).alg = edited
+        return edited
+
+    @staticmethod
+    def end_sequence(editor) -> None:
+        """Back to the memory-less SERAC the archive loaded (its memory is all a sequence changed)."""
+        from .. import compat
+
+        executor = compat.editor_executor(editor)
+        if executor.is_init:
+            executor.reset_model()  # EasyEdit's own reset: the next edit loads the archive again
+
+    @staticmethod
     def edited_state(editor, hp, requests) -> dict:
         """SERAC's edit is its memory: the texts it keeps, and the weights (which must not change)."""
-        edited, _ = editor.apply_algo(editor.model, editor.tok, requests, hp, keep_original_weight=True)
+        from .. import compat
+
+        with compat.host_scope():
+            edited, _ = editor.apply_algo(editor.model, editor.tok, requests, hp, keep_original_weight=True)
         tensors = {**{f"base.{k}": v for k, v in editor.model.state_dict().items()},
                    **{k: v for k, v in edited.state_dict().items() if hasattr(v, "detach")}}
         return {"memory": (list(edited.cache_inputs), list(edited.cache_labels)),
@@ -745,9 +781,6 @@ class SeedRun:
 
     # -- sequential editing ----------------------------------------------------------------
     def sequential(self, method: Method, T: int, chunk: int) -> List[dict]:
-        from .. import restore_all
-        from ..odedit.odedit_main import apply_odedit_to_multimodal_model
-
         hp = method.hparams(self.data, self.config["base_model"], self.seed)
         editor = build_editor(hp)
         ev = Evaluation(editor, self.data["image_root"], self.images)
@@ -763,15 +796,15 @@ class SeedRun:
                             disable=not self.progress):
                 before = self.peak.reset()
                 start = time.perf_counter()
-                apply_odedit_to_multimodal_model(editor.model, editor.tok, [req], hp, keep_original_weight=False)
+                edited = method.edit_in_sequence(editor, hp, req)
                 timing.append((time.perf_counter() - start, self.peak.peak_mib(), before))
-            five_post = [ev.five(req) for req in requests]
-            extra_post = [ev.argmax(it) for it in items]
+            five_post = [ev.five(req, edited) for req in requests]
+            extra_post = [ev.argmax(it, edited) for it in items]
         finally:
-            restore_all(editor.model)
+            method.end_sequence(editor)
         changed = [k for k, v in editor.model.state_dict().items() if not _equal(original[k], v)]
         if changed:
-            raise RuntimeError(f"restore_all left {len(changed)} tensors changed after {method.name} seq{T}: {changed[:3]}")
+            raise RuntimeError(f"{method.name} seq{T} left {len(changed)} tensors changed after its restore: {changed[:3]}")
         for post, pre in zip(five_post, five_pre):  # locality as the PyPI editor computes it
             for key in ("locality", "multimodal_locality"):
                 if f"{key}_output" in post:
@@ -812,8 +845,7 @@ def methods(config: dict) -> List[Tuple[Method, List[str]]]:
     for key, method_cls in META_TRAINED.items():
         section = config.get(key)
         if section:
-            runs = [s for s in settings if s in section.get("settings", settings)
-                    and (method_cls.only_settings is None or s in method_cls.only_settings)]
+            runs = [s for s in settings if s in section.get("settings", settings)]
             for odedit in (False, True):
                 out.append((method_cls(section, odedit), runs))
     if config.get("ike"):
