@@ -42,8 +42,9 @@ def main(argv=None):
     model = {"model_name": "blip2", "name": MODEL, "tokenizer_name": MODEL, "tokenizer_class": "PreTrainedTokenizerFast",
              "coco_image": data["image_root"], "rephrase_image": data["image_root"],
              "results_dir": os.path.join(args.work, "results"), "device": 0}
+    # no generality MMD for SERAC (it stopped SERAC learning to answer from memory; see the README)
     hp = ODEditHyperParams.from_dict({"host": "SERAC", "host_hparams": host, "penalty": {"lambda_input": "edit_hidden"},
-                                      **model})
+                                      "risks": {"gen_weight": 0.0}, **model})
     VQADataset = compat.module("dataset.vqa").VQADataset
     from easyeditor import MultimodalEditor, MultimodalTrainer
 
