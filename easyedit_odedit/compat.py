@@ -363,8 +363,7 @@ def _own_executor(editor) -> None:
     executor = getattr(getattr(editor, "apply_algo", None), "__self__", None)
     if executor is not None and hasattr(executor, "is_init"):
         executor = type(executor)()
-        one = flavour() == MAIN and type(executor).__name__ in _ONE_REQUEST_EXECUTORS
-        editor.apply_algo = _one_request(executor.apply_to_model) if one else executor.apply_to_model
+        editor.apply_algo = executor_apply(executor)
         editor.odedit_executor = executor  # e.g. to continue SERAC's memory from an edited SERAC
 
 
@@ -378,7 +377,12 @@ def editor_executor(editor):
 _ONE_REQUEST_EXECUTORS = ("SeracMultimodalRewriteExecutor", "MendMultimodalRewriteExecutor")
 
 
-def _one_request(apply):
+def executor_apply(executor):
+    """``executor.apply_to_model`` taking a list of requests on both EasyEdit versions."""
+    apply = executor.apply_to_model
+    if flavour() != MAIN or type(executor).__name__ not in _ONE_REQUEST_EXECUTORS:
+        return apply
+
     @functools.wraps(apply)
     def call(model, tok, request, *args, **kwargs):
         if isinstance(request, (list, tuple)) and len(request) == 1:

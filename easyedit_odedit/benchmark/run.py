@@ -477,6 +477,11 @@ class MetaTrainedMethod(Method):
         super().__init__(self.host_name, section["yaml"], odedit)
         self.section, self.trained = section, trained
 
+    @staticmethod
+    def training_fields(model_dir: str, results_dir: str, seed: int) -> dict:
+        """Host fields the seed's training needs beyond the section's (kept in the training record)."""
+        return {}
+
     @property
     def training_alg(self) -> str:
         return "ODEdit" if self.odedit else self.host_alg
@@ -524,6 +529,15 @@ class SeracMethod(MetaTrainedMethod):
 
     section_key, host_name, host_alg = "serac", "SERAC", "SERAC_MULTI"
     edit_kind = "SERAC's memory (the edit texts it keeps) and every weight"
+
+    @staticmethod
+    def training_fields(model_dir: str, results_dir: str, seed: int) -> dict:
+        """The scope classifier to start from: a small BERT over the model's vocabulary, the same for
+        both objectives of a seed."""
+        from ..hosts.serac import scope_classifier_for
+
+        folder = os.path.join(os.path.dirname(results_dir), "scope-bert")
+        return {"cls_name": scope_classifier_for(model_dir, folder, seed=seed)}
 
     def hparams(self, data: Dict[str, str], model_dir: str, seed: int):
         from .. import compat
@@ -590,9 +604,9 @@ def train_meta(method_cls, section: dict, alg: str, data: Dict[str, str], model_
                results_dir: str, progress: bool = True) -> Dict[str, Any]:
     """Meta-train a host (MEND, SERAC) on the train split with EasyEdit's own ``MultimodalTrainer``:
     ``alg`` = the host's key (EasyEdit's training hparams class) or ``ODEdit`` (the section's ODEdit
-    YAML). The last ``val_records`` train records are the validation set. SERAC's scope classifier
-    starts from a small BERT over the model's vocabulary (``hosts.serac``), the same per seed for
-    both objectives. Returns the archive path and EasyEdit's final validation metrics."""
+    YAML). The last ``val_records`` train records are the validation set; ``training_fields`` adds
+    what a host needs per seed (SERAC's scope classifier). Returns the archive path and EasyEdit's
+    final validation metrics."""
     from easyeditor import MultimodalTrainer
 
     from .. import compat
@@ -604,12 +618,8 @@ def train_meta(method_cls, section: dict, alg: str, data: Dict[str, str], model_
         config = yaml.safe_load(f)
     host = _merge(config["host_hparams"], section.get("train") or {})
     host.update(seed=int(seed), archive=None)
-    extra = {}
-    if method_cls is SeracMethod:
-        from ..hosts.serac import scope_classifier_for
-
-        folder = os.path.join(os.path.dirname(results_dir), "scope-bert")
-        host["cls_name"] = extra["cls_name"] = scope_classifier_for(model_dir, folder, seed=int(seed))
+    extra = method_cls.training_fields(model_dir, results_dir, int(seed))
+    host.update(extra)
     model_fields = _model_fields(section["yaml"], data, model_dir, results_dir)
     if alg != "ODEdit":
         hp = build_easyedit_hparams(method_cls.host_name, dict(host, alg=alg), model_fields,

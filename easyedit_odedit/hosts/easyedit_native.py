@@ -142,8 +142,8 @@ class EasyEditRefineHost:
         request = dict(view)
         with compat.host_scope():
             executor = compat.ready_mend_executor(self._executor(model), model, tok, self.hparams)
-            executor.apply_to_model(model, tok, request if compat.flavour() == compat.MAIN else [request],
-                                    self.hparams, copy=False, return_orig_weights=True, keep_original_weight=True)
+            compat.executor_apply(executor)(model, tok, [request], self.hparams, copy=False,
+                                            return_orig_weights=True, keep_original_weight=True)
 
     def prepare(self, model):
         named = dict(model.named_parameters())
