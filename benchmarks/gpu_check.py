@@ -5,7 +5,9 @@
 1. The same code on CUDA without the CPU redirect: an ODEdit edit through EasyEdit's own
    ``MultimodalEditor`` (``device: 0``) on a small model, EasyEdit's metrics, and bit-identical
    restore of the whole state dict after a single edit and after 5 sequential edits.
-2. Per-edit time and peak GPU memory, host alone vs host + ODEdit, on the small MiniMMEdit model.
+2. Per-edit time and peak GPU memory on the small MiniMMEdit model: host alone, a plain step over
+   ODEdit's environment rows (mean NLL, what batching the environments costs by itself) and
+   host + ODEdit, at equal steps; ODEdit's own terms are the last against the second.
 3. With ``--big``: the same on a random-weight model with the shapes of a 7B-class LLaVA (CLIP
    ViT-L/14-336 + Llama-7B, bf16), for each host of ``overhead.LLAVA_HOSTS`` (FT-L on the top two layers' MLPs
    and on the top MLP alone, LoRA, FT-V on the projector).
@@ -15,7 +17,9 @@ the script itself).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -30,7 +34,7 @@ from easyedit_odedit.odedit import odedit_main  # noqa: E402
 from easyedit_odedit.registry import build_host  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from overhead import LLAVA_HOSTS, LLAVA_SHAPES, _world, llava_shaped  # noqa: E402  (shared with overhead.py)
+from overhead import LLAVA_HOSTS, LLAVA_SHAPES, _timed_setup, _world, batched_nll_steps, llava_shaped  # noqa: E402  (shared with overhead.py)
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda:0" if CUDA else "cpu"
@@ -83,8 +87,9 @@ def check_editor(root, model_dir, pool):
 
 
 def time_edits(adapter, hp, image, n=3):
-    """Median seconds and peak memory of ``n`` edits (after one warm-up), each restored."""
-    times = []
+    """Median seconds, median set-up seconds (environments and the unedited pass), every timed
+    edit's seconds and peak memory of ``n`` edits (after one warm-up), each restored."""
+    times, setup = [], []
     if CUDA:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -93,35 +98,50 @@ def time_edits(adapter, hp, image, n=3):
                 "image": image}
         originals = {}
         start = time.perf_counter()
+        timed_setup = _timed_setup(setup, record=i > 0)
         try:
             odedit_main.edit_once(adapter, view, hp, build_host(hp), originals)
             if CUDA:
                 torch.cuda.synchronize()
         finally:  # also after running out of memory: the next host starts from the same weights
+            timed_setup.restore()
             odedit_main._copy_back(adapter, originals)
         if i:
             times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if CUDA else float("nan")
-    return sorted(times)[len(times) // 2], peak
+    return statistics.median(times), statistics.median(setup) if setup else 0.0, times, peak
+
+
+# (run, ODEdit settings, plain batched steps): the host alone with and without the prefix cache (a
+# host implementation of its own runs the whole model each step), a plain step over ODEdit's rows,
+# and host + ODEdit
+RUNS = (("host", {"enabled": False}, False),
+        ("host, whole model each step", {"enabled": False, "optimiser": {"cache_prefix": False}}, False),
+        ("batched NLL", {"enabled": True}, True),
+        ("host+ODEdit", {"enabled": True}, False))
 
 
 def compare(name, adapter, base_config, image):
-    rows = []
-    for enabled in (False, True):
-        hp = ODEditHyperParams.from_dict(dict(base_config, enabled=enabled))
+    """Per-edit time and peak memory of each of ``RUNS`` at the same host settings and steps."""
+    rows = {}
+    for run, settings, batched in RUNS:
+        hp = ODEditHyperParams.from_dict(dict(base_config, **settings))
         try:
-            seconds, peak = time_edits(adapter, hp, image)
+            with batched_nll_steps() if batched else contextlib.nullcontext():
+                rows[run] = time_edits(adapter, hp, image)
         except torch.cuda.OutOfMemoryError as err:  # say so and go on: the other hosts' figures still count
-            print(f"[{name}] {'host+ODEdit' if enabled else 'host'}: out of GPU memory: {str(err)[:200]}")
+            print(f"[{name}] {run}: out of GPU memory: {str(err)[:200]}")
             torch.cuda.empty_cache()
-            seconds, peak = float("nan"), float("nan")
-        rows.append((("host+ODEdit" if enabled else "host"), seconds, peak))
+            rows[run] = (float("nan"), float("nan"), [], float("nan"))
     print(f"\n[{name}] {sum(p.numel() for p in adapter.parameters()):,} parameters, "
           f"{base_config['host']} {base_config['host_hparams']}")
-    print("| run | s / edit | peak GPU GiB |\n|---|---|---|")
-    for run, seconds, peak in rows:
-        print(f"| {run} | {seconds:.3f} | {peak:.2f} |")
-    print(f"ratios: time x{rows[1][1] / rows[0][1]:.2f}, memory x{rows[1][2] / rows[0][2]:.2f}")
+    print("| run | s / edit | of which set-up | each timed edit (s) | peak GPU GiB |\n|---|---|---|---|---|")
+    for run, (seconds, setup, each, peak) in rows.items():
+        print(f"| {run} | {seconds:.3f} | {setup:.3f} | {' '.join(f'{t:.3f}' for t in each)} | {peak:.2f} |")
+    (host_s, _, _, host_mem), (whole_s, _, _, _), (plain_s, _, _, _), (odedit_s, _, _, odedit_mem) = rows.values()
+    print(f"ratios: time x{odedit_s / host_s:.2f} (x{odedit_s / whole_s:.2f} against the host running the whole "
+          f"model each step), memory x{odedit_mem / host_mem:.2f}, ODEdit's own terms x{odedit_s / plain_s:.2f} "
+          "(against the batched NLL step)")
 
 
 def big_llava(layers: int):
