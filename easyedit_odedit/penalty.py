@@ -110,7 +110,10 @@ class LagrangeMultiplier(nn.Module):
         lam = F.softplus(self.net(features)).squeeze()
         # above the bound: the value is lambda_max but the dual gradient still flows (a clamp would
         # stop it, and lambda could never come down again)
-        return lam * (self.max_value / lam).clamp(max=1.0).detach()
+        lam = lam * (self.max_value / lam).clamp(max=1.0).detach()
+        # lam * (max / lam) can round to just above max (3.0000002 for 3 seen on an H100 machine);
+        # the excess is exact (Sterbenz), so subtracting it lands on max exactly
+        return lam - (lam - self.max_value).clamp(min=0.0).detach()
 
     def ascend(self, lam: torch.Tensor, constraint: float, lr: float) -> None:
         """Dual step (Eq. 13): gradient *ascent* of lambda * (TV - tolerance) in the MLP's

@@ -15,6 +15,8 @@ from tests.conftest import PROMPT, edit_kwargs
 from tests.test_trainer import _vqa_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# where EasyEdit puts a model with ``device: 0`` (and moves SERAC's classifier tokens to)
+EASYEDIT_DEVICE = "cuda:0" if torch.cuda.is_available() else "cpu"
 HOST = yaml.safe_load(open(os.path.join(ROOT, "hparams/TRAINING/SERAC/tiny-host.yaml")))
 
 
@@ -68,7 +70,7 @@ def test_serac_meta_trains_on_a_plugin_model(world, tmp_path, classifier, alg):
 def _serac(world, classifier):
     model = load_adapter(str(world / "model"))
     hp = build_easyedit_hparams("SERAC", dict(HOST, cls_name=classifier), _fields(world, "results"), "test")
-    return PluginSERAC(model, hp, lambda: None).eval()
+    return PluginSERAC(model, hp, lambda: None).to(EASYEDIT_DEVICE).eval()
 
 
 def _samples(world, text, target, image_index=0):
@@ -77,7 +79,7 @@ def _samples(world, text, target, image_index=0):
 
     image = torch.tensor(np.asarray(Image.open(world / "img" / f"{image_index}.png").convert("RGB")),
                          dtype=torch.float32).permute(2, 0, 1)[None] / 255
-    return {"image": image, "text_input": [f"{text} {target}"], "labels": [target],
+    return {"image": image.to(EASYEDIT_DEVICE), "text_input": [f"{text} {target}"], "labels": [target],
             "prompts_len": [len(world_tokenizer(world)(text)["input_ids"])]}
 
 
