@@ -31,10 +31,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import easyedit_odedit  # noqa: E402
 from easyedit_odedit import ODEditHyperParams, compat, restore_all  # noqa: E402
 from easyedit_odedit.odedit import odedit_main  # noqa: E402
-from easyedit_odedit.registry import build_host  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from overhead import LLAVA_HOSTS, LLAVA_SHAPES, _timed_setup, _world, batched_nll_steps, llava_shaped  # noqa: E402  (shared with overhead.py)
+from overhead import LLAVA_HOSTS, LLAVA_SHAPES, _world, batched_nll_steps, llava_shaped, time_edits  # noqa: E402  (shared with overhead.py)
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda:0" if CUDA else "cpu"
@@ -86,28 +85,13 @@ def check_editor(root, model_dir, pool):
           f"{same(before, state(editor.model))}")
 
 
-def time_edits(adapter, hp, image, n=3):
-    """Median seconds, median set-up seconds (environments and the unedited pass), every timed
-    edit's seconds and peak memory of ``n`` edits (after one warm-up), each restored."""
-    times, setup = [], []
+def measure(adapter, hp, image, n=3):
+    """Median seconds, median set-up seconds, every timed edit's seconds and peak memory of ``n``
+    edits after a warm-up (``overhead.time_edits``)."""
     if CUDA:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    for i in range(n + 1):
-        view = {"prompt": "Question: what color is the shape? Short answer:", "target": ["red", "green", "blue", "teal"][i % 4],
-                "image": image}
-        originals = {}
-        start = time.perf_counter()
-        timed_setup = _timed_setup(setup, record=i > 0)
-        try:
-            odedit_main.edit_once(adapter, view, hp, build_host(hp), originals)
-            if CUDA:
-                torch.cuda.synchronize()
-        finally:  # also after running out of memory: the next host starts from the same weights
-            timed_setup.restore()
-            odedit_main._copy_back(adapter, originals)
-        if i:
-            times.append(time.perf_counter() - start)
+    times, setup = time_edits(adapter, hp, image, n)
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if CUDA else float("nan")
     return statistics.median(times), statistics.median(setup) if setup else 0.0, times, peak
 
@@ -128,7 +112,7 @@ def compare(name, adapter, base_config, image):
         hp = ODEditHyperParams.from_dict(dict(base_config, **settings))
         try:
             with batched_nll_steps() if batched else contextlib.nullcontext():
-                rows[run] = time_edits(adapter, hp, image)
+                rows[run] = measure(adapter, hp, image)
         except torch.cuda.OutOfMemoryError as err:  # say so and go on: the other hosts' figures still count
             print(f"[{name}] {run}: out of GPU memory: {str(err)[:200]}")
             torch.cuda.empty_cache()

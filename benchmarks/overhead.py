@@ -133,7 +133,6 @@ def run_mode(mode: str, args) -> dict:
     from easyedit_odedit import ODEditHyperParams, compat
     from easyedit_odedit.models.loading import load_adapter
     from easyedit_odedit.odedit import odedit_main
-    from easyedit_odedit.registry import build_host
 
     torch.set_num_threads(args.threads)
     root = tempfile.mkdtemp()
@@ -151,30 +150,45 @@ def run_mode(mode: str, args) -> dict:
     adapter = (llava_shaped(**LLAVA_SHAPES[args.shape], device=args.device) if args.shape
                else load_adapter(model_dir).to(args.device))
 
-    if mode == "batched_nll":  # one mode a process: the patch lasts as long as the process
-        contextlib.ExitStack().enter_context(batched_nll_steps())
     processor = odedit_main._image_processor(hp)
     image = compat.process_image_file(processor, os.path.join(root, "img", "0.png")).to(args.device)
-    targets = ["red", "green", "blue", "teal", "gray", "black", "brown", "yellow"]
-    times, setup = [], []
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    for i in range(args.edits + 1):  # the first edit warms up and is not counted
-        view = {"prompt": "Question: what color is the shape? Short answer:", "target": targets[i % len(targets)],
-                "image": image}
-        originals = {}
-        start = time.perf_counter()
-        t_rows = _timed_setup(setup, i > 0)
-        odedit_main.edit_once(adapter, view, hp, build_host(hp), originals)
-        elapsed = time.perf_counter() - start
-        t_rows.restore()
-        odedit_main._copy_back(adapter, originals)
-        if i > 0:
-            times.append(elapsed)
+    with batched_nll_steps() if mode == "batched_nll" else contextlib.nullcontext():
+        times, setup = time_edits(adapter, hp, image, args.edits)
     peak = (torch.cuda.max_memory_allocated() / 2 ** 20 if args.device.startswith("cuda")
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return {"mode": mode, "seconds": statistics.median(times), "setup": statistics.median(setup) if setup else 0.0,
             "peak_mb": peak, "params": sum(p.numel() for p in adapter.parameters())}
+
+
+TARGETS = ["red", "green", "blue", "teal", "gray", "black", "brown", "yellow"]
+
+
+def time_edits(adapter, hp, image, edits: int):
+    """Seconds and set-up seconds of each of ``edits`` edits after one warm-up edit (not counted).
+    Each edit is restored, also after an error such as running out of GPU memory, so the next
+    run starts from the same weights."""
+    from easyedit_odedit.odedit import odedit_main
+    from easyedit_odedit.registry import build_host
+
+    times, setup = [], []
+    for i in range(edits + 1):
+        view = {"prompt": "Question: what color is the shape? Short answer:", "target": TARGETS[i % len(TARGETS)],
+                "image": image}
+        originals = {}
+        start = time.perf_counter()
+        timed = _timed_setup(setup, record=i > 0)
+        try:
+            odedit_main.edit_once(adapter, view, hp, build_host(hp), originals)
+            _synchronize()
+            elapsed = time.perf_counter() - start
+        finally:
+            timed.restore()
+            odedit_main._copy_back(adapter, originals)
+        if i > 0:
+            times.append(elapsed)
+    return times, setup
 
 
 class _timed_setup:
