@@ -188,8 +188,10 @@ def test_extra_items_are_scored_on_the_answer_positions(world):
 @pytest.mark.parametrize("edit_odedit", [False, True])
 def test_mend_edit_time_refinement_has_the_same_steps_with_and_without_odedit(bench, edit_odedit):
     """``mend.edit_steps`` refines every MEND edit; ``edit_odedit`` puts MEND+ODEdit's refinement
-    under the ODEdit objective (MEND alone: the NLL), never a different number of steps."""
+    under the ODEdit objective (MEND alone: the NLL), never a different number of steps or step
+    size (``mend.edit_lr``, default |edit_lr|)."""
     from easyedit_odedit.benchmark.run import SHIPPED_MODEL, MendMethod
+    from easyedit_odedit.registry import build_host
 
     out, _ = bench
     with open(out / "data" / "seed3" / "manifest.json") as f:
@@ -199,5 +201,9 @@ def test_mend_edit_time_refinement_has_the_same_steps_with_and_without_odedit(be
     hps = [MendMethod(mend, odedit, trained=lambda seed, alg: {"archive": f"/archives/{alg}"})
            .hparams(data, SHIPPED_MODEL, 3) for odedit in (False, True)]
     assert [hp.optimiser.steps for hp in hps] == [4, 4]
+    assert [build_host(hp).lr for hp in hps] == [1e-3, 1e-3]  # the host YAML's edit_lr
+    hps = [MendMethod(dict(mend, edit_lr=2e-3), odedit, trained=lambda seed, alg: {"archive": f"/archives/{alg}"})
+           .hparams(data, SHIPPED_MODEL, 3) for odedit in (False, True)]
+    assert [build_host(hp).lr for hp in hps] == [2e-3, 2e-3]
     assert [bool(hp.enabled) for hp in hps] == [False, edit_odedit]
     assert [hp.host_params.archive for hp in hps] == ["/archives/MEND", "/archives/ODEdit"]

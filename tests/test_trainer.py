@@ -67,8 +67,8 @@ def _mend_archive(world, tmp_path):
     edit_host.update(archive=str(archive), lr_scale=1.0, alg_name="MEND")
 
     def editing_hparams(**extra):
-        return ODEditHyperParams.from_dict(dict(config, host_hparams=edit_host, optimiser={"steps": 3},
-                                                environments={"locality_pool": str(world / "pool.json")}, **extra))
+        return ODEditHyperParams.from_dict(dict(config, host_hparams=edit_host, **dict(
+            dict(optimiser={"steps": 3}, environments={"locality_pool": str(world / "pool.json")}), **extra)))
 
     return host, editing_hparams
 
@@ -204,3 +204,47 @@ def test_a_negative_mend_edit_lr_refines_at_its_size(world):
     refine = build_host(hp)
     assert refine.lr == 1e-2
     torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=refine.lr)  # what ODEdit builds with it
+
+
+def test_refinement_starts_from_the_weights_before_a_host_proposal_that_makes_the_objective_worse(
+        world, tmp_path, monkeypatch):
+    """``optimiser.refine_start: better``: a MEND proposal that makes the edit's objective worse (here
+    the opposite of where refining from the unedited weights goes) is dropped and ODEdit refines from
+    the weights before it, landing exactly where a host that proposed nothing lands; ``host`` keeps
+    the paper's start (the host's solution) and lands elsewhere."""
+    from easyeditor import MultimodalEditor
+
+    from easyedit_odedit.hosts.easyedit_native import EasyEditRefineHost
+    from easyedit_odedit.odedit import objective
+    from easyedit_odedit.odedit.odedit_main import apply_odedit_to_multimodal_model
+    from tests.conftest import PROMPT
+
+    host, editing_hparams = _mend_archive(world, tmp_path)
+    request = {"prompt": PROMPT, "target": "green", "image": torch.ones(3, 64, 64)}
+    started = []
+    original_start = objective.ODEditObjective.start_from_better
+    monkeypatch.setattr(objective.ODEditObjective, "start_from_better",
+                        lambda self, before: started.append(original_start(self, before)) or started[-1])
+
+    def edit(run_host, start):
+        monkeypatch.setattr(EasyEditRefineHost, "run_host", run_host)
+        hp = editing_hparams(optimiser={"steps": 3, "refine_start": start})
+        editor = MultimodalEditor.from_hparams(hp)
+        unedited = {n: editor.model.get_parameter(n).detach().clone() for n in host["inner_params"]}
+        _, restore = apply_odedit_to_multimodal_model(editor.model, editor.tok, [request], hp, keep_original_weight=True)
+        edited = {n: editor.model.get_parameter(n).detach().clone() for n in host["inner_params"]}
+        restore()
+        return unedited, edited
+
+    unedited, refined = edit(lambda *a, **k: None, "better")  # a host that proposes nothing
+
+    def backwards(self, model, tok, view, rows=(), undo=None):  # three times the refinement, reversed
+        with torch.no_grad():
+            for name in self.hparams.inner_params:
+                model.get_parameter(name).add_(unedited[name] - refined[name], alpha=3.0)
+
+    _, from_better = edit(backwards, "better")
+    _, from_host = edit(backwards, "host")
+    assert all(torch.equal(from_better[n], v) for n, v in refined.items())
+    assert any(not torch.equal(from_host[n], v) for n, v in refined.items())
+    assert started == [False, True]  # nothing proposed: the same start either way; dropped; `host` never asks

@@ -80,7 +80,7 @@ DEFAULTS: Dict[str, Any] = {
     "overrides": {},     # merged into every host's ODEdit YAML (e.g. {host_hparams: {num_steps: 3}})
     "variants": [],
     "curve": None,
-    "mend": None,        # {yaml, train: {host_hparams overrides}, val_records, edit_steps, edit_odedit, seeds, settings}
+    "mend": None,        # {yaml, train: {host_hparams overrides}, val_records, edit_steps, edit_lr, edit_odedit, seeds, settings}
     "serac": None,       # {yaml, train: {host_hparams overrides}, val_records, seeds, settings}: single editing only
     "not_run": {},
     "ike": None,         # {k: 1}: EasyEdit's multimodal IKE alone, single editing (benchmark/ike.py)
@@ -513,7 +513,10 @@ class MendMethod(MetaTrainedMethod):
         host.update(archive=self.trained(seed, self.training_alg)["archive"],
                     lr_scale=float(host.get("lr_scale", 1.0)), alg="MEND")
         config["host_hparams"] = host
-        config["optimiser"] = dict(config.get("optimiser") or {}, steps=int(self.section.get("edit_steps", 0)))
+        optimiser = dict(config.get("optimiser") or {}, steps=int(self.section.get("edit_steps", 0)))
+        if self.section.get("edit_lr") is not None:  # the refinement's step, both rows (default: |edit_lr|)
+            optimiser["lr"] = float(self.section["edit_lr"])
+        config["optimiser"] = optimiser
         _point_at_world(config, data, model_dir, seed, enabled=self.odedit and bool(self.section.get("edit_odedit")))
         return ODEditHyperParams.from_dict(config, source_path=self.yaml_path)
 

@@ -99,6 +99,7 @@ class EasyEditRefineHost:
     for ``optimiser.steps`` steps, starting from MEND's solution."""
 
     family = "refine"
+    refines_touched = True  # ODEdit refines the very weights the host changed: it can start from before them
 
     def __init__(self, name: str, host_hparams, optimiser):
         self.name, self.hparams = name, host_hparams

@@ -7,7 +7,7 @@ penalty; the optimiser is reset when the penalty switches on; a dict of floats c
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, NamedTuple, Optional, Union
 
 import torch
 
@@ -187,7 +187,8 @@ class ODEditObjective:
         first = answer.float().argmax(-1)  # the last prompt token predicts the first answer token
         return hidden[torch.arange(hidden.shape[0]), first].float()
 
-    def update(self, idx: List[int]) -> Dict[str, float]:
+    def evaluate(self, idx: List[int]) -> "Evaluated":
+        """G at the current parameters over the chosen rows (Eq. 11-12), with its terms."""
         hp = self.hp
         envs = [self.rows.envs[i] for i in idx]
         groups = list(dict.fromkeys(envs))  # the environments present in this step
@@ -197,38 +198,60 @@ class ODEditObjective:
         env_risk, env_omega_grad = self.risks(torch.tensor(idx, device=device), group, len(groups), batch, logits)
         r_rel = env_risk[groups.index("IN")]
         terms = {"rel_nll": r_rel}
-        dual = weight = 0.0
         if not self.use_odedit:
-            objective = r_rel
-        else:
-            r_se = _mean(env_risk, [i for i, g in enumerate(groups) if g in SE_ENVS])
-            r_loc = _mean(env_risk, [i for i, g in enumerate(groups) if g in OUT_ENVS])
-            feats = self.mmd_features(batch, hidden)
-            z_e = feats[[j for j, e in enumerate(envs) if e == "IN"]]
-            z_r = feats[[j for j, e in enumerate(envs) if e in SE_ENVS]]
-            r_gen = risks.generality_mmd(z_e.detach() if hp.risks.mmd_detach_edit else z_e, z_r,
-                                         hp.risks.mmd_bandwidths)
-            r_edit = r_rel + hp.risks.se_nll_weight * r_se + hp.risks.loc_weight * r_loc + hp.risks.gen_weight * r_gen
-            weight = hp.penalty.weight if self.step >= hp.penalty.warmup_steps else 0.0
-            if self.step == hp.penalty.warmup_steps and weight > 0:
-                self.optimizer = self._new_optimizer()  # the loss scale jumps: stale Adam moments mislead
-            penalty = tv.tv_from_gradients(env_omega_grad) if weight > 0 else env_risk.new_zeros(())
-            lam = self.multiplier(self._lambda_features(hidden, envs))
-            objective = r_edit + weight * lam.detach() * penalty
-            if hp.penalty.normalise:
-                # the penalty's weight jumps from 0 to w * lambda: keep the gradient scale of the edit
-                objective = objective / (1.0 + weight * lam.detach())
-            if weight > 0:  # the dual step rides on the same backward pass (see LagrangeMultiplier.dual_loss)
-                dual = self.multiplier.dual_loss(lam, weight * (penalty.item() - hp.penalty.tv_tolerance))
-            terms.update(se_nll=r_se, loc_kl=r_loc, gen_mmd=r_gen, tv=penalty, lam=lam)
-        terms["objective"] = objective
-        self._remember_if_best(objective, logits, batch, envs)
-        self._descend(objective, dual)
-        if weight > 0:
+            return Evaluated(r_rel, terms, None, None, 0.0, logits, batch, envs)
+        r_se = _mean(env_risk, [i for i, g in enumerate(groups) if g in SE_ENVS])
+        r_loc = _mean(env_risk, [i for i, g in enumerate(groups) if g in OUT_ENVS])
+        feats = self.mmd_features(batch, hidden)
+        z_e = feats[[j for j, e in enumerate(envs) if e == "IN"]]
+        z_r = feats[[j for j, e in enumerate(envs) if e in SE_ENVS]]
+        r_gen = risks.generality_mmd(z_e.detach() if hp.risks.mmd_detach_edit else z_e, z_r, hp.risks.mmd_bandwidths)
+        r_edit = r_rel + hp.risks.se_nll_weight * r_se + hp.risks.loc_weight * r_loc + hp.risks.gen_weight * r_gen
+        weight = hp.penalty.weight if self.step >= hp.penalty.warmup_steps else 0.0
+        penalty = tv.tv_from_gradients(env_omega_grad) if weight > 0 else env_risk.new_zeros(())
+        lam = self.multiplier(self._lambda_features(hidden, envs))
+        objective = r_edit + weight * lam.detach() * penalty
+        if hp.penalty.normalise:
+            # the penalty's weight jumps from 0 to w * lambda: keep the gradient scale of the edit
+            objective = objective / (1.0 + weight * lam.detach())
+        terms.update(se_nll=r_se, loc_kl=r_loc, gen_mmd=r_gen, tv=penalty, lam=lam)
+        return Evaluated(objective, terms, lam, penalty, weight, logits, batch, envs)
+
+    def update(self, idx: List[int]) -> Dict[str, float]:
+        hp = self.hp
+        if self.use_odedit and self.step == hp.penalty.warmup_steps and hp.penalty.weight > 0:
+            self.optimizer = self._new_optimizer()  # the loss scale jumps: stale Adam moments mislead
+        g = self.evaluate(idx)
+        dual = 0.0
+        if g.weight > 0:  # the dual step rides on the same backward pass (see LagrangeMultiplier.dual_loss)
+            dual = self.multiplier.dual_loss(g.lam, g.weight * (g.penalty.item() - hp.penalty.tv_tolerance))
+        terms = dict(g.terms, objective=g.objective)
+        self._remember_if_best(g.objective, g.logits, g.batch, g.envs)
+        self._descend(g.objective, dual)
+        if g.weight > 0:
             self.multiplier.dual_step(hp.penalty.dual_lr)
         self.step += 1
         with torch.no_grad():  # one stack, one read-back for every logged term
             return dict(zip(terms, torch.stack(list(terms.values())).float().tolist()))
+
+    @torch.no_grad()
+    def start_from_better(self, before_host: Dict[str, torch.Tensor]) -> bool:
+        """Refine family: start from the host's solution or from the weights before the host ran,
+        whichever has the lower objective over every row of the edit's pool. A host's proposal that
+        makes the edit's own objective worse than no edit at all (a meta-trained MEND can, on inputs
+        unlike its training edits: the target barely moves while every OUT row does) is a worse
+        starting point than none. Training rows only; True when the earlier weights were taken."""
+        every_row = list(range(len(self.rows.rows)))
+        at_host = self.evaluate(every_row).objective.item()
+        host_solution = {k: p.detach().clone() for k, p in self.params.items()}
+        for name, p in self.params.items():
+            p.copy_(before_host[name])
+        if self.evaluate(every_row).objective.item() < at_host:
+            self.originals = dict(before_host)  # lambda's delta-norm features count from here
+            return True
+        for name, p in self.params.items():
+            p.copy_(host_solution[name])
+        return False
 
     @torch.no_grad()
     def _remember_if_best(self, objective, logits, batch: EmbeddedBatch, envs) -> None:
@@ -274,6 +297,19 @@ class ODEditObjective:
         if not torch.isfinite(norm):
             raise ODEditNumericalError(f"non-finite gradient at step {self.step}; lower the learning rate")
         self.optimizer.step()
+
+
+class Evaluated(NamedTuple):
+    """G and what a step needs besides it (lambda, the penalty and its weight for the dual step;
+    logits and batch for the best-iterate check)."""
+    objective: torch.Tensor
+    terms: Dict[str, torch.Tensor]
+    lam: Optional[torch.Tensor]
+    penalty: Optional[torch.Tensor]
+    weight: float
+    logits: torch.Tensor
+    batch: EmbeddedBatch
+    envs: List[str]
 
 
 def _mean(values: torch.Tensor, at: List[int]) -> torch.Tensor:

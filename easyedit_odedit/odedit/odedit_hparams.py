@@ -88,6 +88,8 @@ class OptimiserSettings:
     lr: Optional[float] = None          # default: the host's learning rate
     grad_clip: float = 1.0
     cache_prefix: bool = True           # compute activations below the edited layers once per edit
+    refine_start: str = "better"        # refine family: "better" of the host's solution and the weights
+                                        # before it (lower objective on the edit's rows), or always "host"
 
 
 SECTIONS = {"environments": EnvironmentSettings, "risks": RiskSettings,
@@ -310,7 +312,8 @@ def _hint_name(hint) -> str:
 _CHOICES = {("risks", "kl_direction"): ("post_pre", "pre_post"),
             ("risks", "kl_positions"): ("answer", "all"),
             ("risks", "mmd_feature"): ("last_prompt_token", "answer_mean"),
-            ("penalty", "lambda_input"): ("delta_norms", "edit_hidden", "constant")}
+            ("penalty", "lambda_input"): ("delta_norms", "edit_hidden", "constant"),
+            ("optimiser", "refine_start"): ("better", "host")}
 
 
 def _validate_settings(hp: ODEditHyperParams, where: str) -> None:

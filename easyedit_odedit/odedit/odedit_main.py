@@ -192,8 +192,12 @@ def edit_once(adapter: MultimodalLMAdapter, view: dict, hparams, host, originals
         rows = host_rows if use_odedit else [in_row]
         named = dict(adapter.named_parameters())
         touched = host.touched(adapter)
+        fresh = [name for name in touched if name not in originals]
         for name in touched:
             originals.setdefault(name, named[name].detach().clone())
+        # the touched weights as this edit found them (in a sequence, ``originals`` holds older ones)
+        before_host = ({name: originals[name] if name in fresh else named[name].detach().clone() for name in touched}
+                       if _may_start_before_host(host, hparams) else None)
         cache = make_prefix_cache(adapter, touched, hparams)
         edit_rows = EditRows(adapter, rows, hparams.risks.kl_positions, cache)  # unedited-model references
     previous = {n: p.requires_grad for n, p in adapter.named_parameters()}  # before a host or peft freezes them
@@ -206,15 +210,25 @@ def edit_once(adapter: MultimodalLMAdapter, view: dict, hparams, host, originals
     try:
         objective = ODEditObjective(adapter, edit_rows, params, hparams, host.lr, host.optimizer, use_odedit, seed)
         sampler = EnvironmentSampler(rows, hparams.environments, seed)
+        started_before_host = before_host is not None and objective.start_from_better(before_host)
         logs = {}
         for _ in tqdm(range(host.num_steps), desc=f"ODEdit[{hparams.host}]", leave=False,
                       disable=not getattr(hparams, "progress", False)):
             logs = objective.update(sampler.sample())
         objective.finish()
+        if before_host is not None:
+            logs["started_before_host"] = float(started_before_host)
     finally:
         host.finalize(adapter)
         _restore_requires_grad(adapter, previous)
     return logs
+
+
+def _may_start_before_host(host, hparams) -> bool:
+    """A refine host whose changed weights ODEdit then optimises for some steps (MEND; not the hosts
+    that add modules, WISE/GRACE/LoRA), with ``refine_start: better``."""
+    return (getattr(host, "refines_touched", False) and host.num_steps > 0
+            and getattr(hparams.optimiser, "refine_start", "better") == "better")
 
 
 def _train_only(adapter: MultimodalLMAdapter, params: Dict[str, torch.nn.Parameter]) -> None:
