@@ -7,6 +7,7 @@ penalty; the optimiser is reset when the penalty switches on; a dict of floats c
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Dict, List, NamedTuple, Optional, Union
 
 import torch
@@ -222,17 +223,22 @@ class ODEditObjective:
         if self.use_odedit and self.step == hp.penalty.warmup_steps and hp.penalty.weight > 0:
             self.optimizer = self._new_optimizer()  # the loss scale jumps: stale Adam moments mislead
         g = self.evaluate(idx)
+        terms = dict(g.terms, objective=g.objective)
+        with torch.no_grad():  # one read-back a step (on a GPU each one waits for the device)
+            values = torch.stack([*terms.values(), self._makes_edit(g)]).float().tolist()
+        logs, makes_edit = dict(zip(terms, values[:-1])), bool(values[-1])
+        if not math.isfinite(logs["objective"]):
+            raise ODEditNumericalError(f"ODEdit objective is {logs['objective']} at step {self.step}; "
+                                       "lower the learning rate or penalty.weight")
+        self._remember_if_best(logs["objective"], makes_edit)
         dual = 0.0
         if g.weight > 0:  # the dual step rides on the same backward pass (see LagrangeMultiplier.dual_loss)
-            dual = self.multiplier.dual_loss(g.lam, g.weight * (g.penalty.item() - hp.penalty.tv_tolerance))
-        terms = dict(g.terms, objective=g.objective)
-        self._remember_if_best(g.objective, g.logits, g.batch, g.envs)
+            dual = self.multiplier.dual_loss(g.lam, g.weight * (logs["tv"] - hp.penalty.tv_tolerance))
         self._descend(g.objective, dual)
         if g.weight > 0:
             self.multiplier.dual_step(hp.penalty.dual_lr)
         self.step += 1
-        with torch.no_grad():  # one stack, one read-back for every logged term
-            return dict(zip(terms, torch.stack(list(terms.values())).float().tolist()))
+        return logs
 
     @torch.no_grad()
     def start_from_better(self, before_host: Dict[str, torch.Tensor]) -> bool:
@@ -253,16 +259,20 @@ class ODEditObjective:
             p.copy_(host_solution[name])
         return False
 
+    @staticmethod
     @torch.no_grad()
-    def _remember_if_best(self, objective, logits, batch: EmbeddedBatch, envs) -> None:
-        """Keep the iterate with the lowest objective among those that make the edit (every target
-        token of IN is the argmax). A primal-dual trajectory is not monotone; this is early
-        stopping on the training risk, never on evaluation data."""
-        j = envs.index("IN")
-        labels = batch.labels[j, 1:]
+    def _makes_edit(g: "Evaluated") -> torch.Tensor:
+        """Whether every target token of the IN row is the argmax (a 0-dim tensor, read with the logs)."""
+        j = g.envs.index("IN")
+        labels = g.batch.labels[j, 1:]
         mask = labels != risks.IGNORE
-        makes_edit = bool((logits[j, :-1].argmax(-1)[mask] == labels[mask]).all())
-        value = objective.item()
+        return (g.logits[j, :-1].argmax(-1)[mask] == labels[mask]).all()
+
+    @torch.no_grad()
+    def _remember_if_best(self, value: float, makes_edit: bool) -> None:
+        """Keep the iterate with the lowest objective among those that make the edit. A primal-dual
+        trajectory is not monotone; this is early stopping on the training risk, never on
+        evaluation data."""
         if makes_edit and (self.best is None or value < self.best[0]):
             self.best = (value, {k: p.detach().clone() for k, p in self.params.items()})
 
@@ -282,9 +292,7 @@ class ODEditObjective:
         return hidden.new_ones(1)
 
     def _descend(self, objective: torch.Tensor, dual=0.0) -> None:
-        if not torch.isfinite(objective):
-            raise ODEditNumericalError(f"ODEdit objective is {objective.item()} at step {self.step}; "
-                                       "lower the learning rate or penalty.weight")
+        """One backward pass and step (the objective's value was checked where it was read)."""
         if not objective.requires_grad:
             raise ODEditError("host_hparams", sorted(self.params)[:3], "edit parameters the request goes through "
                               "(FT-V and the projector need a request with an image; FT-L/LoRA edit the language "
