@@ -96,7 +96,8 @@ EXECUTORS_ATTRIBUTE = "_odedit_mend_executors"
 class EasyEditRefineHost:
     """MEND with a trained archive: EasyEdit's own executor makes the edit (its hypernetwork's
     delta on ``inner_params``), then ODEdit optimises exactly those parameters under its objective
-    for ``optimiser.steps`` steps, starting from MEND's solution."""
+    for ``optimiser.steps`` steps, starting from MEND's solution - or from the weights before it when
+    that solution has the higher objective on the edit's rows (``optimiser.refine_start: better``)."""
 
     family = "refine"
     refines_touched = True  # ODEdit refines the very weights the host changed: it can start from before them

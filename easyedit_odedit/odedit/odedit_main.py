@@ -228,7 +228,7 @@ def _may_start_before_host(host, hparams) -> bool:
     """A refine host whose changed weights ODEdit then optimises for some steps (MEND; not the hosts
     that add modules, WISE/GRACE/LoRA), with ``refine_start: better``."""
     return (getattr(host, "refines_touched", False) and host.num_steps > 0
-            and getattr(hparams.optimiser, "refine_start", "better") == "better")
+            and hparams.optimiser.refine_start == "better")
 
 
 def _train_only(adapter: MultimodalLMAdapter, params: Dict[str, torch.nn.Parameter]) -> None:
