@@ -198,12 +198,14 @@ def test_mend_edit_time_refinement_has_the_same_steps_with_and_without_odedit(be
         data = json.load(f)
     mend = {"yaml": os.path.join(ROOT, "hparams/bench/minimmedit-mend-host.yaml"), "edit_steps": 4,
             "edit_odedit": edit_odedit}
-    hps = [MendMethod(mend, odedit, trained=lambda seed, alg: {"archive": f"/archives/{alg}"})
-           .hparams(data, SHIPPED_MODEL, 3) for odedit in (False, True)]
+
+    def both_rows(section):
+        return [MendMethod(section, odedit, trained=lambda seed, alg: {"archive": f"/archives/{alg}"})
+                .hparams(data, SHIPPED_MODEL, 3) for odedit in (False, True)]
+
+    hps = both_rows(mend)
     assert [hp.optimiser.steps for hp in hps] == [4, 4]
     assert [build_host(hp).lr for hp in hps] == [1e-3, 1e-3]  # the host YAML's edit_lr
-    hps = [MendMethod(dict(mend, edit_lr=2e-3), odedit, trained=lambda seed, alg: {"archive": f"/archives/{alg}"})
-           .hparams(data, SHIPPED_MODEL, 3) for odedit in (False, True)]
-    assert [build_host(hp).lr for hp in hps] == [2e-3, 2e-3]
+    assert [build_host(hp).lr for hp in both_rows(dict(mend, edit_lr=2e-3))] == [2e-3, 2e-3]
     assert [bool(hp.enabled) for hp in hps] == [False, edit_odedit]
     assert [hp.host_params.archive for hp in hps] == ["/archives/MEND", "/archives/ODEdit"]

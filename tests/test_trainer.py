@@ -66,9 +66,10 @@ def _mend_archive(world, tmp_path):
     edit_host = {k: v for k, v in host.items() if k not in ("alg", "batch_size", "max_iters")}
     edit_host.update(archive=str(archive), lr_scale=1.0, alg_name="MEND")
 
+    defaults = dict(optimiser={"steps": 3}, environments={"locality_pool": str(world / "pool.json")})
+
     def editing_hparams(**extra):
-        return ODEditHyperParams.from_dict(dict(config, host_hparams=edit_host, **dict(
-            dict(optimiser={"steps": 3}, environments={"locality_pool": str(world / "pool.json")}), **extra)))
+        return ODEditHyperParams.from_dict(dict(config, host_hparams=edit_host, **{**defaults, **extra}))
 
     return host, editing_hparams
 

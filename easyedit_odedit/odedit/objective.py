@@ -250,13 +250,11 @@ class ODEditObjective:
         every_row = list(range(len(self.rows.rows)))
         at_host = self.evaluate(every_row).objective.item()
         host_solution = {k: p.detach().clone() for k, p in self.params.items()}
-        for name, p in self.params.items():
-            p.copy_(before_host[name])
+        self._load(before_host)
         if self.evaluate(every_row).objective.item() < at_host:
             self.originals = dict(before_host)  # lambda's delta-norm features count from here
             return True
-        for name, p in self.params.items():
-            p.copy_(host_solution[name])
+        self._load(host_solution)
         return False
 
     @staticmethod
@@ -280,8 +278,12 @@ class ODEditObjective:
     def finish(self) -> None:
         """Load the best iterate found (if any iterate made the edit)."""
         if self.best is not None:
-            for name, value in self.best[1].items():
-                self.params[name].copy_(value)
+            self._load(self.best[1])
+
+    @torch.no_grad()
+    def _load(self, values: Dict[str, torch.Tensor]) -> None:
+        for name, value in values.items():
+            self.params[name].copy_(value)
 
     def _lambda_features(self, hidden, envs) -> torch.Tensor:
         kind = self.hp.penalty.lambda_input

@@ -192,12 +192,11 @@ def edit_once(adapter: MultimodalLMAdapter, view: dict, hparams, host, originals
         rows = host_rows if use_odedit else [in_row]
         named = dict(adapter.named_parameters())
         touched = host.touched(adapter)
-        fresh = [name for name in touched if name not in originals]
-        for name in touched:
-            originals.setdefault(name, named[name].detach().clone())
         # the touched weights as this edit found them (in a sequence, ``originals`` holds older ones)
-        before_host = ({name: originals[name] if name in fresh else named[name].detach().clone() for name in touched}
+        before_host = ({name: named[name].detach().clone() for name in touched}
                        if _may_start_before_host(host, hparams) else None)
+        for name in touched:
+            originals.setdefault(name, before_host[name] if before_host else named[name].detach().clone())
         cache = make_prefix_cache(adapter, touched, hparams)
         edit_rows = EditRows(adapter, rows, hparams.risks.kl_positions, cache)  # unedited-model references
     previous = {n: p.requires_grad for n, p in adapter.named_parameters()}  # before a host or peft freezes them
