@@ -25,15 +25,17 @@ import tempfile
 import time
 
 import torch
+import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import easyedit_odedit  # noqa: E402
-from easyedit_odedit import ODEditHyperParams, compat, restore_all  # noqa: E402
+from easyedit_odedit import compat, restore_all  # noqa: E402
 from easyedit_odedit.odedit import odedit_main  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from overhead import LLAVA_HOSTS, LLAVA_SHAPES, _world, batched_nll_steps, llava_shaped, time_edits  # noqa: E402  (shared with overhead.py)
+from overhead import (HPARAMS, LLAVA_HOSTS, LLAVA_SHAPES, SHIPPED, YAMLS, batched_nll_steps,  # noqa: E402
+                      edit_views, llava_shaped, minimmedit_world, time_edits, world_hparams)  # (shared with overhead.py)
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda:0" if CUDA else "cpu"
@@ -47,36 +49,27 @@ def same(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def check_editor(root, model_dir, pool):
+def check_editor(config, data, records):
     from easyeditor import MultimodalEditor
 
-    hp = ODEditHyperParams.from_dict({
-        "host": "FT-L", "host_hparams": {"layers": [-1], "num_steps": 20, "lr": 1e-3}, "model_name": "blip2",
-        "name": model_dir, "tokenizer_name": model_dir, "device": 0, "coco_image": root, "rephrase_image": root,
-        "environments": {"locality_pool": pool}})
+    from easyedit_odedit.benchmark.run import edit_arguments
+
+    hp = world_hparams(config, data, SHIPPED, steps=20, device=0)
     redirect_installed = []
     with compat.cpu_redirect():
         redirect_installed.append(torch.Tensor.to is not compat._originals.get("tensor_to", torch.Tensor.to))
     editor = MultimodalEditor.from_hparams(hp)
     print(f"[1] model on {next(editor.model.parameters()).device}; CPU redirect active during EasyEdit calls: "
           f"{any(redirect_installed)}")
-    img = lambda i: os.path.join(root, "img", f"{i}.png")  # noqa: E731
     before = state(editor.model)
     start = time.time()
-    metrics, _, _ = editor.edit(
-        prompts=["Question: what color is the shape? Short answer:"], targets=["green"], image=[img(0)],
-        rephrase_prompts=["What is the color of the shape?"], rephrase_image=[img(1)],
-        locality_inputs={"text": {"prompt": ["what is two plus three ?"], "ground_truth": ["five"]},
-                         "vision": {"image": [img(2)], "prompt": ["Question: what shape is in the image? Short answer:"],
-                                    "ground_truth": ["circle"]}},
-        keep_original_weight=True, verbose=False)
+    metrics, _, _ = editor.edit(**edit_arguments(records[:1], data["image_root"]), keep_original_weight=True,
+                                verbose=False)
     post = {k: round(float(v), 3) for k, v in metrics[0]["post"].items() if k.endswith("_acc")}
     print(f"[1] MultimodalEditor.edit: {time.time() - start:.2f} s, post {post}")
     print(f"[1] whole state dict bit-identical after restore: {same(before, state(editor.model))}")
     with compat.host_scope():
-        requests = editor._prepare_requests(["Question: what color is the shape? Short answer:"] * 5,
-                                            ["green", "blue", "red", "teal", "gray"], [img(i) for i in range(5)],
-                                            locality_inputs={})
+        requests = editor._prepare_requests(**edit_arguments(records[:5], data["image_root"]))
     for request in requests:
         odedit_main.apply_odedit_to_multimodal_model(editor.model, editor.tok, [request], hp)
     changed = not same(before, state(editor.model))
@@ -85,13 +78,13 @@ def check_editor(root, model_dir, pool):
           f"{same(before, state(editor.model))}")
 
 
-def measure(adapter, hp, image, n=3):
-    """Median seconds, median set-up seconds, every timed edit's seconds and peak memory of ``n``
-    edits after a warm-up (``overhead.time_edits``)."""
+def measure(adapter, hp, views):
+    """Median seconds, median set-up seconds, every timed edit's seconds and peak memory of the
+    edits of ``views`` after the first, a warm-up (``overhead.time_edits``)."""
     if CUDA:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    times, setup = time_edits(adapter, hp, image, n)
+    times, setup = time_edits(adapter, hp, views)
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if CUDA else float("nan")
     return statistics.median(times), statistics.median(setup) if setup else 0.0, times, peak
 
@@ -105,20 +98,20 @@ RUNS = (("host", {"enabled": False}, False),
         ("host+ODEdit", {"enabled": True}, False))
 
 
-def compare(name, adapter, base_config, image):
+def compare(name, adapter, base_config, data, steps, views):
     """Per-edit time and peak memory of each of ``RUNS`` at the same host settings and steps."""
     rows = {}
     for run, settings, batched in RUNS:
-        hp = ODEditHyperParams.from_dict(dict(base_config, **settings))
+        hp = world_hparams(base_config, data, SHIPPED, steps, **settings)
         try:
             with batched_nll_steps() if batched else contextlib.nullcontext():
-                rows[run] = measure(adapter, hp, image)
+                rows[run] = measure(adapter, hp, views)
         except torch.cuda.OutOfMemoryError as err:  # say so and go on: the other hosts' figures still count
             print(f"[{name}] {run}: out of GPU memory: {str(err)[:200]}")
             torch.cuda.empty_cache()
             rows[run] = (float("nan"), float("nan"), [], float("nan"))
     print(f"\n[{name}] {sum(p.numel() for p in adapter.parameters()):,} parameters, "
-          f"{base_config['host']} {base_config['host_hparams']}")
+          f"{base_config['host']} {dict(base_config['host_hparams'], num_steps=steps)}")
     print("| run | s / edit | of which set-up | each timed edit (s) | peak GPU GiB |\n|---|---|---|---|---|")
     for run, (seconds, setup, each, peak) in rows.items():
         print(f"| {run} | {seconds:.3f} | {setup:.3f} | {' '.join(f'{t:.3f}' for t in each)} | {peak:.2f} |")
@@ -142,28 +135,24 @@ def main():
     args = parser.parse_args()
     print(f"torch {torch.__version__}, CUDA {CUDA} ({torch.cuda.get_device_name(0) if CUDA else 'cpu'}), "
           f"easyeditor flavour {compat.flavour()}")
-    root = tempfile.mkdtemp()
-    env = _world(root)
-    pool = env["locality_pool"]
+    data, records, edits = minimmedit_world(tempfile.mkdtemp(), 5)
+    edits = edits[:4]  # a warm-up and 3 timed edits
     from easyedit_odedit.models.loading import load_adapter
 
-    shipped = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "easyedit_odedit", "assets",
-                           "minimmedit-base")
-    check_editor(root, shipped, pool)
-    processor = odedit_main._image_processor(None)
-    image = compat.process_image_file(processor, os.path.join(root, "img", "0.png")).to(DEVICE)
-    small = load_adapter(shipped).to(DEVICE)
-    compare("small", small, {"host": "FT-L", "host_hparams": {"layers": [-1], "num_steps": args.steps, "lr": 1e-3},
-                             "model_name": "blip2", "environments": env}, image)
+    with open(os.path.join(HPARAMS, YAMLS["FT-L"])) as f:
+        small_ft_l = yaml.safe_load(f)
+    check_editor(small_ft_l, data, records)
+    small = load_adapter(SHIPPED).to(DEVICE)
+    compare("small", small, small_ft_l, data, args.steps, edit_views(edits, DEVICE))
     if args.big:
         del small
         start = time.time()
         big = big_llava(32 if CUDA else 2)
         print(f"\n[big] built in {time.time() - start:.1f} s")
+        views = edit_views(edits, DEVICE, torch.bfloat16 if CUDA else torch.float32)
         for name, host_hparams in LLAVA_HOSTS.items():
-            compare(f"big {name}", big, {"host": name.split()[0], "host_hparams": {**host_hparams, "num_steps": args.steps},
-                                 "model_name": "blip2", "environments": env},
-                    image.to(torch.bfloat16 if CUDA else torch.float32))
+            compare(f"big {name}", big, {"alg_name": "ODEdit", "host": name.split()[0], "host_hparams": host_hparams},
+                    data, args.steps, views)
 
 
 if __name__ == "__main__":

@@ -30,30 +30,60 @@ import time
 MODES = ("host", "batched_nll", "odedit", "odedit_nocache")
 
 
-def _world(root: str) -> dict:
-    import numpy as np
-    from PIL import Image
-
-    os.makedirs(os.path.join(root, "img"), exist_ok=True)
-    rng = np.random.default_rng(0)
-    for i in range(16):
-        Image.fromarray((rng.random((64, 64, 3)) * 255).astype("uint8")).save(os.path.join(root, "img", f"{i}.png"))
-    pool = [{"image": f"img/{i}.png", "src": "what shape is in the image ?", "pred": "circle",
-             "loc": "what is two plus two ?", "loc_ans": "four"} for i in range(16)]
-    with open(os.path.join(root, "pool.json"), "w") as f:
-        json.dump(pool, f)
-    return {"locality_pool": os.path.join(root, "pool.json"), "locality_image_root": root}
+SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "easyedit_odedit", "assets", "minimmedit-base")
+HPARAMS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "hparams", "ODEdit")
+YAMLS = {"FT-L": "minimmedit-ft-l.yaml", "FT-V": "minimmedit-ft-v.yaml", "LoRA": "minimmedit-lora.yaml"}
 
 
-def _model_dir(requested: str, root: str) -> str:
-    if requested:
-        return requested
-    shipped = os.path.join(os.path.dirname(__file__), "..", "easyedit_odedit", "assets", "minimmedit-base")
-    if os.path.isfile(os.path.join(shipped, "odedit_model.json")):
-        return shipped
-    from easyedit_odedit.models.tiny import save_tiny_conv_llama
+def minimmedit_world(root: str, n_edits: int) -> tuple:
+    """MiniMMEdit as ``odedit bench`` writes it: ``n_edits`` test records and the train-split
+    locality pool (2,000 images and the text questions), so an edit builds the near-miss, far and
+    text rows it builds in the bench. (data paths, the records, their edits: prompt, target, image
+    path - the edit fields only)."""
+    from easyedit_odedit.benchmark import records
+    from easyedit_odedit.benchmark.run import edit_arguments
 
-    return save_tiny_conv_llama(os.path.join(root, "tiny"), hidden=128, layers=4)
+    data = records.write_benchmark(SHIPPED, root, n_train=0, n_test=n_edits, seed=0)
+    with open(data["test"]) as f:
+        test = json.load(f)
+    args = edit_arguments(test, data["image_root"])
+    edits = [{"prompt": p, "target": t, "image": i} for p, t, i in zip(args["prompts"], args["targets"], args["image"])]
+    return data, test, edits
+
+
+def edit_views(edits, device, dtype=None) -> list:
+    """The edits with their images processed as EasyEdit processes request images."""
+    from easyedit_odedit import compat
+    from easyedit_odedit.odedit import odedit_main
+
+    processor = odedit_main._image_processor(None)
+    return [dict(e, image=compat.process_image_file(processor, e["image"]).to(device=device, dtype=dtype))
+            for e in edits]
+
+
+def world_hparams(config: dict, data: dict, model_dir: str, steps: int, **settings):
+    """``config`` pointed at the world as the bench points it, with ``steps`` host steps."""
+    from easyedit_odedit import ODEditHyperParams
+    from easyedit_odedit.benchmark.run import _point_at_world
+
+    config = dict(config)
+    _point_at_world(config, data, model_dir, seed=0, enabled=settings.pop("enabled", True))
+    config["host_hparams"] = dict(config["host_hparams"], num_steps=steps)
+    return ODEditHyperParams.from_dict({**config, **settings})
+
+
+def mode_hparams(mode: str, args, data: dict):
+    """The shipped model: its ``hparams/ODEdit/minimmedit-*.yaml`` (default settings). ``--shape``:
+    the host of the real-model YAMLs (``LLAVA_HOSTS``), defaults otherwise."""
+    import yaml
+
+    if args.shape:
+        config = {"alg_name": "ODEdit", "host": args.host, "host_hparams": LLAVA_HOSTS[args.host]}
+    else:
+        with open(os.path.join(HPARAMS, YAMLS[args.host])) as f:
+            config = yaml.safe_load(f)
+    return world_hparams(config, data, args.model or SHIPPED, args.steps, enabled=mode != "host",
+                         optimiser={"cache_prefix": mode != "odedit_nocache"})
 
 
 # random-weight LLaVA shapes: CLIP vision tower + projector + Llama, 32k vocabulary
@@ -130,52 +160,33 @@ def run_mode(mode: str, args) -> dict:
     import torch
 
     import easyedit_odedit  # noqa: F401
-    from easyedit_odedit import ODEditHyperParams, compat
     from easyedit_odedit.models.loading import load_adapter
-    from easyedit_odedit.odedit import odedit_main
 
     torch.set_num_threads(args.threads)
-    root = tempfile.mkdtemp()
-    env = _world(root)
-    model_dir = _model_dir(args.model, root) if not args.shape else ""
-    host_hparams = {"layers": [-1], "num_steps": args.steps, "lr": 1e-3}
-    if args.host == "FT-V":
-        host_hparams = {"num_steps": args.steps, "lr": 1e-3, "modules": ["projector"]}
-    if args.shape:
-        host_hparams = dict(LLAVA_HOSTS[args.host], num_steps=args.steps)
-    hp = ODEditHyperParams.from_dict({
-        "host": args.host, "host_hparams": host_hparams, "enabled": mode != "host", "model_name": "blip2",
-        "name": model_dir, "environments": env,
-        "optimiser": {"cache_prefix": mode != "odedit_nocache"}})
+    data, _, edits = minimmedit_world(tempfile.mkdtemp(), args.edits + 1)
+    hp = mode_hparams(mode, args, data)
     adapter = (llava_shaped(**LLAVA_SHAPES[args.shape], device=args.device) if args.shape
-               else load_adapter(model_dir).to(args.device))
-
-    processor = odedit_main._image_processor(hp)
-    image = compat.process_image_file(processor, os.path.join(root, "img", "0.png")).to(args.device)
+               else load_adapter(args.model or SHIPPED).to(args.device))
+    views = edit_views(edits, args.device)
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     with batched_nll_steps() if mode == "batched_nll" else contextlib.nullcontext():
-        times, setup = time_edits(adapter, hp, image, args.edits)
+        times, setup = time_edits(adapter, hp, views)
     peak = (torch.cuda.max_memory_allocated() / 2 ** 20 if args.device.startswith("cuda")
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return {"mode": mode, "seconds": statistics.median(times), "setup": statistics.median(setup) if setup else 0.0,
             "peak_mb": peak, "params": sum(p.numel() for p in adapter.parameters())}
 
 
-TARGETS = ["red", "green", "blue", "teal", "gray", "black", "brown", "yellow"]
-
-
-def time_edits(adapter, hp, image, edits: int):
-    """Seconds and set-up seconds of each of ``edits`` edits after one warm-up edit (not counted).
-    Each edit is restored, also after an error such as running out of GPU memory, so the next
-    run starts from the same weights."""
+def time_edits(adapter, hp, views):
+    """Seconds and set-up seconds of each edit of ``views`` after the first (a warm-up, not
+    counted). Each edit is restored, also after an error such as running out of GPU memory, so the
+    next starts from the same weights."""
     from easyedit_odedit.odedit import odedit_main
     from easyedit_odedit.registry import build_host
 
     times, setup = [], []
-    for i in range(edits + 1):
-        view = {"prompt": "Question: what color is the shape? Short answer:", "target": TARGETS[i % len(TARGETS)],
-                "image": image}
+    for i, view in enumerate(views):
         originals = {}
         start = time.perf_counter()
         timed = _timed_setup(setup, record=i > 0)

@@ -31,3 +31,39 @@ def test_gpu_check_runs_every_host_on_the_cpu_stand_in():
         # time, time against the whole-model host, own terms; memory too on a GPU (nan on a CPU)
         assert len(ratios_printed) == (4 if torch.cuda.is_available() else 3), line
         assert all(r > 0 for r in ratios_printed), line
+
+
+def test_overhead_runs_every_mode_and_prints_the_ratios():
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "overhead.py"), "--edits", "1", "--steps", "2"],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = {line.split("|")[1].strip(): line for line in out.stdout.splitlines() if line.startswith("| ")}
+    assert {"host", "batched_nll", "odedit", "odedit_nocache"} <= set(rows)
+    own = re.search(r"plain batched step over the same rows: x(\d+\.\d+)", out.stdout)
+    assert own and float(own.group(1)) > 0
+
+
+def test_overhead_edits_build_the_rows_they_build_in_the_bench(tmp_path):
+    """The timed edits draw near misses, far images and text rows from MiniMMEdit's train pool
+    (a pool of look-alike images once gave no image OUT rows at all, and cheaper edits)."""
+    import argparse
+    import collections
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import overhead
+
+    from easyedit_odedit.models.loading import load_adapter
+    from easyedit_odedit.odedit import odedit_main
+
+    data, records, edits = overhead.minimmedit_world(str(tmp_path), 2)
+    assert [e["prompt"] for e in edits] == [f"Question: {r['src']} Short answer:" for r in records]
+    hp = overhead.mode_hparams("odedit", argparse.Namespace(shape="", host="FT-L", model="", steps=2), data)
+    adapter = load_adapter(overhead.SHIPPED)
+    view = overhead.edit_views(edits, "cpu")[0]
+    with adapter.reusing_image_encodings():
+        rows = odedit_main.build_rows(adapter, view, hp, seed=0)
+    counts = collections.Counter(r.env for r in rows)
+    env = hp.environments
+    assert counts["OUT_near"] + counts["OUT_far"] == env.pool_factor * env.out_image
+    assert counts["OUT_near"] > 0 and counts["OUT_text"] == env.pool_factor * env.out_text

@@ -255,7 +255,23 @@ def base_model_info(model_dir: str) -> Dict[str, Any]:
 
 # -------------------------------------------------------------------------------------------------
 # EasyEdit's evaluation
-# -------------------------------------------------------------------------------------------------
+def edit_arguments(records: Sequence[dict], image_root: str) -> dict:
+    """``MultimodalEditor.edit`` / ``_prepare_requests`` arguments for MiniMMEdit records (absolute
+    image paths: the PyPI release joins them to ``coco_image``, a no-op for absolute paths)."""
+    def path(rel: str) -> str:
+        return os.path.abspath(os.path.join(image_root, rel))
+
+    return dict(prompts=[VQA.format(r["src"]) for r in records], targets=[r["alt"] for r in records],
+                image=[path(r["image"]) for r in records],
+                rephrase_prompts=[VQA.format(r["rephrase"]) for r in records],
+                rephrase_image=[path(r["image_rephrase"]) for r in records],
+                locality_inputs={"text": {"prompt": [r["loc"] for r in records],
+                                          "ground_truth": [r["loc_ans"] for r in records]},
+                                 "vision": {"image": [path(r["m_loc"]) for r in records],
+                                            "prompt": [VQA.format(r["m_loc_q"]) for r in records],
+                                            "ground_truth": [r["m_loc_a"] for r in records]}})
+
+
 class Evaluation:
     """EasyEdit's multimodal evaluation functions for one editor, plus the protocol's extras."""
 
@@ -289,17 +305,7 @@ class Evaluation:
         return self._images[rel]
 
     def edit_arguments(self, records: Sequence[dict]) -> dict:
-        """``MultimodalEditor.edit`` / ``_prepare_requests`` arguments (absolute image paths: the
-        PyPI release joins them to ``coco_image``, a no-op for absolute paths)."""
-        return dict(prompts=[VQA.format(r["src"]) for r in records], targets=[r["alt"] for r in records],
-                    image=[self.path(r["image"]) for r in records],
-                    rephrase_prompts=[VQA.format(r["rephrase"]) for r in records],
-                    rephrase_image=[self.path(r["image_rephrase"]) for r in records],
-                    locality_inputs={"text": {"prompt": [r["loc"] for r in records],
-                                              "ground_truth": [r["loc_ans"] for r in records]},
-                                     "vision": {"image": [self.path(r["m_loc"]) for r in records],
-                                                "prompt": [VQA.format(r["m_loc_q"]) for r in records],
-                                                "ground_truth": [r["m_loc_a"] for r in records]}})
+        return edit_arguments(records, self.image_root)
 
     def requests(self, records: Sequence[dict]) -> List[dict]:
         with self.compat.host_scope():
