@@ -35,7 +35,8 @@ from easyedit_odedit.odedit import odedit_main  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from overhead import (HPARAMS, LLAVA_HOSTS, LLAVA_SHAPES, SHIPPED, YAMLS, batched_nll_steps,  # noqa: E402
-                      edit_views, llava_shaped, minimmedit_world, time_edits, world_hparams)  # (shared with overhead.py)
+                      contents_judged_distinct, edit_views, llava_shaped, minimmedit_world,
+                      time_edits, world_hparams)  # (shared with overhead.py)
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda:0" if CUDA else "cpu"
@@ -150,9 +151,10 @@ def main():
         big = big_llava(32 if CUDA else 2)
         print(f"\n[big] built in {time.time() - start:.1f} s")
         views = edit_views(edits, DEVICE, torch.bfloat16 if CUDA else torch.float32)
-        for name, host_hparams in LLAVA_HOSTS.items():
-            compare(f"big {name}", big, {"alg_name": "ODEdit", "host": name.split()[0], "host_hparams": host_hparams},
-                    data, args.steps, views)
+        with contents_judged_distinct():  # random weights: the trained model's rows (overhead.py)
+            for name, host_hparams in LLAVA_HOSTS.items():
+                compare(f"big {name}", big, {"alg_name": "ODEdit", "host": name.split()[0], "host_hparams": host_hparams},
+                        data, args.steps, views)
 
 
 if __name__ == "__main__":
