@@ -6,14 +6,18 @@
 ``LlavaForConditionalGeneration``: CLIP + Llama, a 32k vocabulary) of ~50 M parameters, small
 enough for a CPU: what the ratios become once arithmetic, not per-operation overhead, dominates.
 
+The edits are MiniMMEdit test records (their edit fields) against the benchmark's train-split
+locality pool, as ``odedit bench`` writes them; the shipped model runs ``hparams/ODEdit/minimmedit-*.yaml``.
+
 Modes, each in its own process (so peak memory is its own):
   host          the host alone: the edit prompt, NLL, ``steps`` steps
   batched_nll   a plain step over the same environment rows ODEdit uses (mean NLL of every row):
                 what "batching the environments" costs by itself
   odedit        host + ODEdit (environments, KL, MMD, TV penalty, lambda), prefix cache on
   odedit_nocache  the same without caching the activations below the edited layers
-Prints a table (median seconds per edit, the set-up share, peak memory) and the ratios the
-method issue sets targets for: odedit/host time and memory, odedit/batched_nll time.
+Prints a table (median seconds per edit, the set-up share, milliseconds per step, peak memory) and
+the ratios the method issue sets targets for: odedit/host time and memory, odedit/batched_nll time
+per step and per whole edit.
 """
 from __future__ import annotations
 
