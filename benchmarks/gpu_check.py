@@ -25,7 +25,6 @@ import tempfile
 import time
 
 import torch
-import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -34,9 +33,9 @@ from easyedit_odedit import compat, restore_all  # noqa: E402
 from easyedit_odedit.odedit import odedit_main  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from overhead import (HPARAMS, LLAVA_HOSTS, LLAVA_SHAPES, SHIPPED, YAMLS, batched_nll_steps,  # noqa: E402
-                      contents_judged_distinct, edit_views, llava_shaped, minimmedit_world,
-                      time_edits, world_hparams)  # (shared with overhead.py)
+from overhead import (LLAVA_HOSTS, LLAVA_SHAPES, SHIPPED, batched_nll_steps, contents_judged_distinct,  # noqa: E402
+                      edit_views, host_config, llava_shaped, minimmedit_world, time_edits,
+                      world_hparams)  # (shared with overhead.py)
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda:0" if CUDA else "cpu"
@@ -140,8 +139,7 @@ def main():
     edits = edits[:4]  # a warm-up and 3 timed edits
     from easyedit_odedit.models.loading import load_adapter
 
-    with open(os.path.join(HPARAMS, YAMLS["FT-L"])) as f:
-        small_ft_l = yaml.safe_load(f)
+    small_ft_l = host_config("FT-L")
     check_editor(small_ft_l, data, records)
     small = load_adapter(SHIPPED).to(DEVICE)
     compare("small", small, small_ft_l, data, args.steps, edit_views(edits, DEVICE))
@@ -152,9 +150,8 @@ def main():
         print(f"\n[big] built in {time.time() - start:.1f} s")
         views = edit_views(edits, DEVICE, torch.bfloat16 if CUDA else torch.float32)
         with contents_judged_distinct():  # random weights: the trained model's rows (overhead.py)
-            for name, host_hparams in LLAVA_HOSTS.items():
-                compare(f"big {name}", big, {"alg_name": "ODEdit", "host": name.split()[0], "host_hparams": host_hparams},
-                        data, args.steps, views)
+            for name in LLAVA_HOSTS:
+                compare(f"big {name}", big, host_config(name, llava=True), data, args.steps, views)
 
 
 if __name__ == "__main__":

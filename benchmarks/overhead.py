@@ -65,29 +65,31 @@ def edit_views(edits, device, dtype=None) -> list:
             for e in edits]
 
 
-def world_hparams(config: dict, data: dict, model_dir: str, steps: int, **settings):
-    """``config`` pointed at the world as the bench points it, with ``steps`` host steps."""
-    from easyedit_odedit import ODEditHyperParams
-    from easyedit_odedit.benchmark.run import _point_at_world
+def host_config(host: str, llava: bool = False) -> dict:
+    """The ODEdit config a run starts from: the shipped model's ``hparams/ODEdit/minimmedit-*.yaml``
+    (default settings), or with ``llava`` the host of the real-model YAMLs (``LLAVA_HOSTS``)."""
+    import yaml
 
-    config = dict(config)
-    _point_at_world(config, data, model_dir, seed=0, enabled=settings.pop("enabled", True))
-    config["host_hparams"] = dict(config["host_hparams"], num_steps=steps)
-    return ODEditHyperParams.from_dict({**config, **settings})
+    if llava:
+        return {"alg_name": "ODEdit", "host": host.split()[0], "host_hparams": LLAVA_HOSTS[host]}
+    with open(os.path.join(HPARAMS, YAMLS[host])) as f:
+        return yaml.safe_load(f)
+
+
+def world_hparams(config: dict, data: dict, model_dir: str, steps: int, enabled: bool = True, **settings):
+    """``config`` pointed at the world as the bench points it, with ``steps`` host steps and
+    ``settings`` merged in section by section (the bench's own merge)."""
+    from easyedit_odedit import ODEditHyperParams
+    from easyedit_odedit.benchmark.run import _merge, _point_at_world
+
+    config = _merge(config, {"host_hparams": {"num_steps": steps}, **settings})
+    _point_at_world(config, data, model_dir, seed=0, enabled=enabled)
+    return ODEditHyperParams.from_dict(config)
 
 
 def mode_hparams(mode: str, args, data: dict):
-    """The shipped model: its ``hparams/ODEdit/minimmedit-*.yaml`` (default settings). ``--shape``:
-    the host of the real-model YAMLs (``LLAVA_HOSTS``), defaults otherwise."""
-    import yaml
-
-    if args.shape:
-        config = {"alg_name": "ODEdit", "host": args.host, "host_hparams": LLAVA_HOSTS[args.host]}
-    else:
-        with open(os.path.join(HPARAMS, YAMLS[args.host])) as f:
-            config = yaml.safe_load(f)
-    return world_hparams(config, data, args.model or SHIPPED, args.steps, enabled=mode != "host",
-                         optimiser={"cache_prefix": mode != "odedit_nocache"})
+    return world_hparams(host_config(args.host, llava=bool(args.shape)), data, args.model or SHIPPED, args.steps,
+                         enabled=mode != "host", optimiser={"cache_prefix": mode != "odedit_nocache"})
 
 
 # random-weight LLaVA shapes: CLIP vision tower + projector + Llama, 32k vocabulary

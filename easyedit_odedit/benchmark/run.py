@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import logging
 import os
@@ -255,12 +256,14 @@ def base_model_info(model_dir: str) -> Dict[str, Any]:
 
 # -------------------------------------------------------------------------------------------------
 # EasyEdit's evaluation
+def image_path(image_root: str, rel: str) -> str:
+    return os.path.abspath(os.path.join(image_root, rel))
+
+
 def edit_arguments(records: Sequence[dict], image_root: str) -> dict:
     """``MultimodalEditor.edit`` / ``_prepare_requests`` arguments for MiniMMEdit records (absolute
     image paths: the PyPI release joins them to ``coco_image``, a no-op for absolute paths)."""
-    def path(rel: str) -> str:
-        return os.path.abspath(os.path.join(image_root, rel))
-
+    path = functools.partial(image_path, image_root)
     return dict(prompts=[VQA.format(r["src"]) for r in records], targets=[r["alt"] for r in records],
                 image=[path(r["image"]) for r in records],
                 rephrase_prompts=[VQA.format(r["rephrase"]) for r in records],
@@ -289,7 +292,7 @@ class Evaluation:
         self._images: Dict[str, Any] = {} if image_cache is None else image_cache
 
     def path(self, rel: str) -> str:
-        return os.path.abspath(os.path.join(self.image_root, rel))
+        return image_path(self.image_root, rel)
 
     def image(self, rel: str):
         """A record image as EasyEdit's request preparation processes it (its BLIP processor), then
