@@ -8,8 +8,9 @@ Run from the repository root (MiniMMEdit base model and records; about a minute 
 
 SERAC needs a scope classifier to start from (`cls_name`): for a real model EasyEdit's
 distilbert-base-cased; here a small BERT over the MiniMMEdit vocabulary, written by
-`easyedit_odedit.hosts.serac.scope_classifier_for`. For a real model: point `name`/`tokenizer_name`
-of hparams/TRAINING/ODEdit/tiny-serac.yaml at it and pass EasyEdit's E-VQA train/eval JSONs.
+`easyedit_odedit.hosts.serac.scope_classifier_for`. For BLIP-2, LLaVA-1.5 or MiniGPT-4: the same two
+steps with hparams/TRAINING/ODEdit/{blip2,llava15,minigpt4}-serac.yaml and hparams/SERAC/<model>.yaml
+(EasyEdit's SERACMultimodalHparams), on EasyEdit's E-VQA train/eval JSONs.
 """
 import argparse
 import json

@@ -7,7 +7,7 @@ import yaml
 from PIL import Image
 
 import easyedit_odedit  # noqa: F401  (registers ODEdit, applies the host shims)
-from easyedit_odedit.models.tiny import save_tiny_conv_llama
+from easyedit_odedit.models.tiny import save_tiny_arch, save_tiny_conv_llama
 
 PROMPT = "question : what color is the shape ? short answer :"
 
@@ -27,6 +27,26 @@ def world(tmp_path_factory):
              "m_loc_q": "what shape is in the image ?", "m_loc_a": "circle"} for i in range(6)]
     (root / "pool.json").write_text(json.dumps(pool))
     return root
+
+
+# The real models the shipped MEND/SERAC YAMLs name (their file prefix) -> the tiny model of the same
+# transformers classes (``models.tiny.save_tiny_arch``) they are tested on, with this many layers.
+REAL_MODEL_YAMLS = {"blip2": "blip2-opt", "minigpt4": "minigpt4", "llava15": "llava-1.5"}
+TINY_ARCH_LAYERS = 4
+
+
+@pytest.fixture(scope="session")
+def tiny_arch(tmp_path_factory):
+    """``tiny_arch(prefix)``: the folder of the tiny model for a real-model YAML prefix, built once."""
+    built = {}
+
+    def get(prefix):
+        if prefix not in built:
+            folder = tmp_path_factory.mktemp("arch") / f"tiny-{REAL_MODEL_YAMLS[prefix]}"
+            built[prefix] = save_tiny_arch(str(folder), REAL_MODEL_YAMLS[prefix], layers=TINY_ARCH_LAYERS)
+        return built[prefix]
+
+    return get
 
 
 def write_yaml(world, host="FT-L", host_hparams=None, **extra):

@@ -20,13 +20,11 @@ from easyeditor import MultimodalEditor, MultimodalTrainer
 
 from easyedit_odedit import ODEditHyperParams, compat
 from easyedit_odedit.models.loading import load_adapter
-from easyedit_odedit.models.tiny import save_tiny_arch
-from tests.conftest import edit_kwargs
+from tests.conftest import REAL_MODEL_YAMLS as ARCHS, TINY_ARCH_LAYERS as TINY_LAYERS, edit_kwargs
 from tests.test_trainer import _vqa_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ARCHS = {"blip2": "blip2-opt", "minigpt4": "minigpt4", "llava15": "llava-1.5"}  # YAML prefix -> tiny architecture
-REAL_LAYERS, TINY_LAYERS = 32, 4
+REAL_LAYERS = 32
 LAYER = re.compile(r"\.layers\.(\d+)\.")
 # The hypernetwork's shape: the editing YAML must build the network the training run saved.
 NETWORK = ("inner_params", "rank", "n_hidden", "hidden_dim", "init", "norm", "combine", "x_only", "delta_only",
@@ -47,27 +45,14 @@ def on_tiny(names, layers=TINY_LAYERS):
     return [LAYER.sub(lambda m: f".layers.{int(m.group(1)) - shift}.", n) for n in names]
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    built = {}
-
-    def get(arch):
-        if arch not in built:
-            folder = tmp_path_factory.mktemp("mend") / f"tiny-{ARCHS[arch]}"
-            built[arch] = save_tiny_arch(str(folder), ARCHS[arch], layers=TINY_LAYERS)
-        return built[arch]
-
-    return get
-
-
 @pytest.mark.parametrize("arch", ARCHS)
-def test_mend_yamls_name_the_models_parameters(tiny, arch):
+def test_mend_yamls_name_the_models_parameters(tiny_arch, arch):
     host = _yaml("TRAINING", "MEND", f"{arch}-host.yaml")
     editing = _yaml("ODEdit", f"{arch}-mend.yaml")["host_hparams"]
     assert {k: editing[k] for k in NETWORK} == {k: host[k] for k in NETWORK}
     names = host["inner_params"]
     assert sorted({int(LAYER.search(n).group(1)) for n in names}) == [REAL_LAYERS - 3, REAL_LAYERS - 2, REAL_LAYERS - 1]
-    params = dict(load_adapter(tiny(arch)).named_parameters())
+    params = dict(load_adapter(tiny_arch(arch)).named_parameters())
     mapped = on_tiny(names)
     assert all(name in params and params[name].dim() == 2 for name in mapped), sorted(set(mapped) - set(params))
     assert [LAYER.sub(".layers.N.", n) for n in names] == [LAYER.sub(".layers.N.", n) for n in mapped]
@@ -115,8 +100,8 @@ def _spy_on_changes(editor) -> dict:
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_mend_meta_trains_and_edits_with_the_shipped_yamls(world, tiny, tmp_path, arch):
-    model = tiny(arch)
+def test_mend_meta_trains_and_edits_with_the_shipped_yamls(world, tiny_arch, tmp_path, arch):
+    model = tiny_arch(arch)
     hp = _training_hparams(arch, model, world, tmp_path / "results")
     VQADataset = compat.module("dataset.vqa").VQADataset
     records = VQADataset(_train_json(world, tmp_path / "train.json"), config=hp)

@@ -50,16 +50,49 @@ class _Borrowed(nn.Module):
             return self._module(*args, **kwargs)
 
 
-class CounterfactualModel(MultimodalLMAdapter):
-    """The base model's image encoder (borrowed, frozen) in front of a trainable copy of its
-    language model: the same row layout, tokenizer and image size as the base model."""
+class TextCausalLM(nn.Module):
+    """A causal LM made of a decoder and an LM head: the text side of a model whose language-model
+    module also holds its image side (LLaVA's ``LlavaForConditionalGeneration`` keeps the vision
+    tower and projector next to the Llama decoder)."""
 
-    def __init__(self, base: MultimodalLMAdapter):
-        super().__init__(_Borrowed(base.image_encoder), copy.deepcopy(base.language_model), base.tokenizer,
-                         base.image_size, dict(base.config))
-        # SERAC_MULTI sizes an (OPT-side) projection by ``replacement.config.hidden_size``
-        self.config.hidden_size = base.language_model.config.hidden_size
-        self.prompts_len_counts_special_tokens = True  # PluginSERAC counts them itself
+    def __init__(self, decoder: nn.Module, lm_head: nn.Module, config):
+        super().__init__()
+        self.model, self.lm_head, self.config = decoder, lm_head, config
+
+    def get_decoder(self) -> nn.Module:
+        return self.model
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+
+def text_side_copy(language_model: nn.Module) -> nn.Module:
+    """A trainable copy of what the counterfactual model runs: the decoder and the LM head. A
+    language model that holds nothing else (BLIP-2's OPT, MiniGPT-4's Vicuna) is copied whole, so
+    its archive keys stay those of the model class; LLaVA's vision tower and projector (0.3 B
+    parameters at 7B) are left out: the counterfactual model reads the base model's image tokens."""
+    decoder, head = language_model.get_decoder(), language_model.get_output_embeddings()
+    text = {id(p) for p in decoder.parameters()} | {id(p) for p in head.parameters()}
+    if all(id(p) in text for p in language_model.parameters()):
+        return copy.deepcopy(language_model)
+    decoder, head = copy.deepcopy((decoder, head))  # one copy: a head tied to the embeddings stays tied
+    return TextCausalLM(decoder, head, language_model.config.get_text_config())
+
+
+def counterfactual_model(base: MultimodalLMAdapter) -> MultimodalLMAdapter:
+    """The base model's image encoder (borrowed, frozen) in front of a trainable copy of its language
+    model's text side, in the base model's own adapter class: the same row layout (MiniGPT-4's image
+    prompt around the image tokens, LLaVA's chat format), tokenizer and image size."""
+    language_model = text_side_copy(base.language_model)
+    model = type(base)(_Borrowed(base.image_encoder), language_model, base.tokenizer, base.image_size,
+                       dict(base.config))
+    # SERAC_MULTI sizes an (OPT-side) projection by ``replacement.config.hidden_size``
+    model.config.hidden_size = language_model.config.get_text_config().hidden_size
+    model.prompts_len_counts_special_tokens = True  # PluginSERAC counts them itself
+    return model
 
 
 class PluginSERAC(SERAC_MULTI):
@@ -76,7 +109,7 @@ class PluginSERAC(SERAC_MULTI):
                 raise ODEditError("host_hparams.freeze_cntr", True, "set it to false: on a plugin model the "
                                   "counterfactual model is a trainable copy of the base language model",
                                   problem="is not supported on the plugin's models")
-            replacement, replacement_tok = CounterfactualModel(model), model.tokenizer
+            replacement, replacement_tok = counterfactual_model(model), model.tokenizer
         with compat.serac_projection_width(model, replacement.config.hidden_size):
             super().__init__(model, config, model_constructor, classifier, classifier_tok, replacement,
                              replacement_tok, cache_inputs, cache_labels, scale)
