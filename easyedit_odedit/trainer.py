@@ -102,14 +102,16 @@ class ODEditMultimodalTrainer:
                 env_risks[env] = risks.locality_kl(scale * out[env].logits[mask], pre, hp.risks.kl_direction)
         z_e = _prompt_features(out["edit_inner"])
         z_r = torch.cat([_prompt_features(out[e]) for e in ("edit_outer", "edit_outer_image") if e in out])
-        r_gen = risks.generality_mmd(z_e.detach() if hp.risks.mmd_detach_edit else z_e, z_r, hp.risks.mmd_bandwidths)
+        # logged either way; in the loss (and its graph) only with a weight: 0 * NaN would be NaN
+        with torch.set_grad_enabled(bool(hp.risks.gen_weight) and torch.is_grad_enabled()):
+            r_gen = risks.generality_mmd(z_e.detach() if hp.risks.mmd_detach_edit else z_e, z_r, hp.risks.mmd_bandwidths)
         weight = hp.penalty.weight if self._odedit_step >= hp.penalty.warmup_steps else 0.0
         if self._odedit_step == hp.penalty.warmup_steps and weight > 0 and dual:
             self.opt.state.clear()  # the loss scale jumps: stale Adam moments mislead (DomainBed's IRM)
         penalty = tv.tv_penalty(list(env_risks.values()), scale) if weight > 0 else scale * 0.0
         lam = self._multiplier(out["edit_inner"].hidden_states.mean((0, 1)))
-        extra = hp.host_params.cedit * env_risks["edit_inner"] + hp.risks.gen_weight * r_gen \
-            + weight * lam.detach() * penalty
+        gen_term = hp.risks.gen_weight * r_gen if hp.risks.gen_weight else 0.0
+        extra = hp.host_params.cedit * env_risks["edit_inner"] + gen_term + weight * lam.detach() * penalty
         if dual and weight > 0:
             self._multiplier.ascend(lam, weight * (penalty.item() - hp.penalty.tv_tolerance), hp.penalty.dual_lr)
         self._odedit_logs = {"odedit/rel_nll": env_risks["edit_inner"].item(), "odedit/gen_mmd": r_gen.item(),

@@ -189,3 +189,21 @@ def test_a_sequence_grows_serac_memory_and_ends_clean(world, tmp_path, classifie
     assert memories == [[f"{PROMPT} green"], [f"{PROMPT} green", f"{PROMPT} blue"]]
     SeracMethod.end_sequence(editor)
     assert SeracMethod.edit_in_sequence(editor, hp, requests[1]).cache_inputs == [f"{PROMPT} blue"]
+
+
+def test_without_a_generality_weight_the_mmd_only_logs(world, tmp_path, classifier, monkeypatch):
+    """SERAC trains with ``gen_weight: 0``: the MMD is logged but kept out of the loss and its graph, so
+    a MMD that comes out NaN (0 * NaN is NaN) cannot stop training: EasyEdit's trainer skips every step
+    whose gradient holds a NaN, and the counterfactual model would never move from its copy."""
+    from easyedit_odedit import trainer as odedit_trainer
+
+    def nan_mmd(z_e, z_r, multipliers):
+        return (z_e.sum() + z_r.sum()) * float("nan")
+
+    monkeypatch.setattr(odedit_trainer.risks, "generality_mmd", nan_mmd)
+    trainer, _, _ = _train(world, tmp_path, classifier, "ODEdit")
+    assert trainer.config.risks.gen_weight == 0.0 and torch.isnan(torch.tensor(trainer._odedit_logs["odedit/gen_mmd"]))
+    assert all(torch.isfinite(p).all() for p in trainer.model.outer_parameters())
+    base = dict(trainer.model.model.language_model.named_parameters())
+    trained = dict(trainer.model.replacement.language_model.named_parameters())
+    assert any(not torch.equal(base[k], v) for k, v in trained.items())  # it trained (a copy of the base at first)
