@@ -29,21 +29,24 @@ def world(tmp_path_factory):
     return root
 
 
-# The real models the shipped MEND/SERAC YAMLs name (their file prefix) -> the tiny model of the same
-# transformers classes (``models.tiny.save_tiny_arch``) they are tested on, with this many layers.
-REAL_MODEL_YAMLS = {"blip2": "blip2-opt", "minigpt4": "minigpt4", "llava15": "llava-1.5"}
+# YAML prefix of the shipped real-model hparams -> the tiny model of the same transformers classes
+# (``models.tiny.save_tiny_arch``: same module and parameter names) they are tested on.
+TINY_ARCHS = {"blip2": "blip2-opt", "llava15": "llava-1.5", "qwen2vl": "qwen2-vl", "llava-onevision": "llava-onevision",
+              "minigpt4": "minigpt4"}
+MAIN_ONLY_ARCHS = ("qwen2vl", "llava-onevision")  # GitHub main's HF model path only
+LAVIS_PATH_ARCHS = ("blip2", "minigpt4", "llava15")  # EasyEdit's LAVIS path (both versions): MEND and SERAC YAMLs
 TINY_ARCH_LAYERS = 4
 
 
 @pytest.fixture(scope="session")
-def tiny_arch(tmp_path_factory):
-    """``tiny_arch(prefix)``: the folder of the tiny model for a real-model YAML prefix, built once."""
+def tiny_model(tmp_path_factory):
+    """``tiny_model(prefix)``: the folder of the tiny model for a YAML prefix, built once a session."""
     built = {}
 
-    def get(prefix):
+    def get(prefix: str) -> str:
         if prefix not in built:
-            folder = tmp_path_factory.mktemp("arch") / f"tiny-{REAL_MODEL_YAMLS[prefix]}"
-            built[prefix] = save_tiny_arch(str(folder), REAL_MODEL_YAMLS[prefix], layers=TINY_ARCH_LAYERS)
+            folder = tmp_path_factory.mktemp("arch") / f"tiny-{TINY_ARCHS[prefix]}"  # main knows Qwen2-VL by name
+            built[prefix] = save_tiny_arch(str(folder), TINY_ARCHS[prefix], layers=TINY_ARCH_LAYERS)
         return built[prefix]
 
     return get

@@ -28,14 +28,10 @@ from easyedit_odedit import ODEditHyperParams, compat, restore_all
 from easyedit_odedit.hosts.easyedit_adapters import ADAPTER_HOSTS
 from easyedit_odedit.models.tiny import save_tiny_arch
 from easyedit_odedit.odedit.odedit_main import _unwrap, apply_odedit_to_multimodal_model
-from tests.conftest import edit_kwargs
+from tests.conftest import MAIN_ONLY_ARCHS, TINY_ARCHS, edit_kwargs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAIN = compat.flavour() == compat.MAIN
-# YAML prefix -> (tiny architecture, GitHub main only)
-ARCHS = {"blip2": ("blip2-opt", False), "llava15": ("llava-1.5", False),
-         "qwen2vl": ("qwen2-vl", True), "llava-onevision": ("llava-onevision", True),
-         "minigpt4": ("minigpt4", False)}
 _LLAMA_MLP = r"language_model\.model\.language_model\.layers\.{layers}\.mlp\.({mods})_proj\.weight"
 # What each shipped YAML edits on the 4-layer tiny model (the same names as on the real model, with
 # the YAML's negative layer indices resolved to layers 1-3 or 2-3), and how many tensors.
@@ -66,7 +62,8 @@ def yaml_path(name: str) -> str:
 
 def _yaml_cases():
     cases = []
-    for arch, (_, main_only) in ARCHS.items():
+    for arch in TINY_ARCHS:
+        main_only = arch in MAIN_ONLY_ARCHS
         for path in sorted(glob.glob(os.path.join(ROOT, "hparams", "ODEdit", f"{arch}-*.yaml"))):
             host = yaml.safe_load(open(path))["host"]
             if host in ADAPTER_HOSTS:  # they add modules instead of changing weights: test_easyedit_adapter_hosts.py
@@ -80,23 +77,10 @@ def _yaml_cases():
     return cases
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory):
-    built = {}
-
-    def get(arch: str) -> str:
-        if arch not in built:
-            tiny = ARCHS[arch][0]
-            built[arch] = save_tiny_arch(str(tmp_path_factory.mktemp("arch") / f"tiny-{tiny}"), tiny, layers=4)
-        return built[arch]
-
-    return get
-
-
 def shipped_hparams(path: str, arch: str, model_dir: str, world, num_steps: int = 3) -> ODEditHyperParams:
     """The shipped YAML with only the paths, the device of main-only models and the steps replaced."""
     config = yaml.safe_load(open(path))
-    if ARCHS[arch][1]:
+    if arch in MAIN_ONLY_ARCHS:
         config.update(model_name=model_dir, name=model_dir, device="cpu")
     else:
         config.update(name=model_dir, tokenizer_name=model_dir)
@@ -108,7 +92,7 @@ def shipped_hparams(path: str, arch: str, model_dir: str, world, num_steps: int 
 
 def build_editor(hp, arch):
     editor = MultimodalEditor.from_hparams(hp)
-    if ARCHS[arch][1]:
+    if arch in MAIN_ONLY_ARCHS:
         from easyedit_odedit.models.hf_native import prepare_editor
 
         prepare_editor(editor)  # EasyEdit-convention image tensors and a tokenizer-aware tok (see hf_native)

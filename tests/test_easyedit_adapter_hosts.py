@@ -17,7 +17,6 @@ from easyeditor import MultimodalEditor
 
 from easyedit_odedit import ODEditHyperParams, compat, restore_all
 from easyedit_odedit.errors import ODEditError
-from easyedit_odedit.models.tiny import save_tiny_arch
 from tests.conftest import edit_kwargs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,8 +30,8 @@ needs_main = pytest.mark.skipif(not HAS_HOSTS, reason="the installed EasyEdit (P
 
 
 @pytest.fixture(scope="module")
-def tiny_qwen(tmp_path_factory):
-    return save_tiny_arch(str(tmp_path_factory.mktemp("arch") / "tiny-qwen2-vl"), "qwen2-vl", layers=4)
+def tiny_qwen(tiny_model):
+    return tiny_model("qwen2vl")
 
 
 def hparams(host: str, model_dir: str, world, steps: int, **host_hparams) -> ODEditHyperParams:

@@ -3,7 +3,7 @@ through EasyEdit's own ``MultimodalTrainer``, MEND fields in ``hparams/TRAINING/
 ``hparams/ODEdit/{arch}-mend.yaml`` (editing with the archive).
 
 The YAMLs name layers 29-31 of the real 32-layer decoders; the tiny models of the same transformers
-classes (``models.tiny.save_tiny_arch``) have 4. Each name is moved to the tiny model's top layers with
+classes (``models.tiny.save_tiny_model``) have 4. Each name is moved to the tiny model's top layers with
 everything but the layer index kept, so a wrong name (``opt_model.`` for ``language_model.``, a
 ``language_model.model.layers`` where LLaVA has ``language_model.model.language_model.layers``) fails here.
 Then MEND is meta-trained for a few iterations with ODEdit's objective and one edit runs with the archive:
@@ -20,7 +20,7 @@ from easyeditor import MultimodalEditor, MultimodalTrainer
 
 from easyedit_odedit import ODEditHyperParams, compat
 from easyedit_odedit.models.loading import load_adapter
-from tests.conftest import REAL_MODEL_YAMLS as ARCHS, TINY_ARCH_LAYERS as TINY_LAYERS, edit_kwargs
+from tests.conftest import LAVIS_PATH_ARCHS as ARCHS, TINY_ARCH_LAYERS as TINY_LAYERS, edit_kwargs
 from tests.test_trainer import _vqa_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,13 +46,13 @@ def on_tiny(names, layers=TINY_LAYERS):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_mend_yamls_name_the_models_parameters(tiny_arch, arch):
+def test_mend_yamls_name_the_models_parameters(tiny_model, arch):
     host = _yaml("TRAINING", "MEND", f"{arch}-host.yaml")
     editing = _yaml("ODEdit", f"{arch}-mend.yaml")["host_hparams"]
     assert {k: editing[k] for k in NETWORK} == {k: host[k] for k in NETWORK}
     names = host["inner_params"]
     assert sorted({int(LAYER.search(n).group(1)) for n in names}) == [REAL_LAYERS - 3, REAL_LAYERS - 2, REAL_LAYERS - 1]
-    params = dict(load_adapter(tiny_arch(arch)).named_parameters())
+    params = dict(load_adapter(tiny_model(arch)).named_parameters())
     mapped = on_tiny(names)
     assert all(name in params and params[name].dim() == 2 for name in mapped), sorted(set(mapped) - set(params))
     assert [LAYER.sub(".layers.N.", n) for n in names] == [LAYER.sub(".layers.N.", n) for n in mapped]
@@ -100,8 +100,8 @@ def _spy_on_changes(editor) -> dict:
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_mend_meta_trains_and_edits_with_the_shipped_yamls(world, tiny_arch, tmp_path, arch):
-    model = tiny_arch(arch)
+def test_mend_meta_trains_and_edits_with_the_shipped_yamls(world, tiny_model, tmp_path, arch):
+    model = tiny_model(arch)
     hp = _training_hparams(arch, model, world, tmp_path / "results")
     VQADataset = compat.module("dataset.vqa").VQADataset
     records = VQADataset(_train_json(world, tmp_path / "train.json"), config=hp)

@@ -55,7 +55,7 @@ def test_serac_meta_trains_on_a_plugin_model(world, tmp_path, classifier, alg):
     """EasyEdit's trainer builds the plugin's SERAC, trains its classifier and counterfactual model
     only (the base model stays bit-identical) and writes an archive; with ``alg: ODEdit`` ODEdit's
     terms ride on EasyEdit's losses."""
-    trainer, base, archive = _trainer = _train(world, tmp_path, classifier, alg)
+    trainer, base, archive = _train(world, tmp_path, classifier, alg)
     assert isinstance(trainer.model, PluginSERAC)
     assert archive.is_file()
     assert all(torch.equal(base[k], v) for k, v in trainer.model.model.state_dict().items())

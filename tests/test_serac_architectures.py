@@ -18,7 +18,7 @@ from easyeditor import MultimodalEditor, MultimodalTrainer
 from easyedit_odedit import ODEditHyperParams, compat
 from easyedit_odedit.hosts.serac import PluginSERAC, scope_classifier_for, text_side_copy
 from easyedit_odedit.models.loading import load_adapter
-from tests.conftest import PROMPT, REAL_MODEL_YAMLS, edit_kwargs
+from tests.conftest import LAVIS_PATH_ARCHS, PROMPT, edit_kwargs
 from tests.test_trainer import _vqa_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,7 +33,7 @@ def _yaml(*parts):
         return yaml.safe_load(f)
 
 
-@pytest.mark.parametrize("arch", REAL_MODEL_YAMLS)
+@pytest.mark.parametrize("arch", LAVIS_PATH_ARCHS)
 def test_serac_editing_yaml_is_the_training_yamls_and_loads_in_easyedit(arch, tmp_path):
     """The editing YAML carries the training run's SERAC fields and model fields (what the archive was
     trained with), plus the archive, and EasyEdit's own class reads it (both versions)."""
@@ -83,9 +83,9 @@ def _row_logits(adapter, world) -> torch.Tensor:
     return adapter.decode(batch)[0]
 
 
-@pytest.mark.parametrize("arch", REAL_MODEL_YAMLS)
-def test_serac_meta_trains_and_edits_with_the_shipped_yamls(world, tiny_arch, tmp_path, arch):
-    model = tiny_arch(arch)
+@pytest.mark.parametrize("arch", LAVIS_PATH_ARCHS)
+def test_serac_meta_trains_and_edits_with_the_shipped_yamls(world, tiny_model, tmp_path, arch):
+    model = tiny_model(arch)
     classifier = scope_classifier_for(model, str(tmp_path / "scope-bert"))
     hp = _training_hparams(arch, model, world, tmp_path / "results", classifier)
     VQADataset = compat.module("dataset.vqa").VQADataset
@@ -114,13 +114,13 @@ def test_serac_meta_trains_and_edits_with_the_shipped_yamls(world, tiny_arch, tm
     assert {"rewrite_acc", "rephrase_acc", "image_rephrase_acc"} <= set(metrics[0]["post"])
 
 
-def test_text_side_copy_keeps_a_plain_language_model_whole(world, tiny_arch):
+def test_text_side_copy_keeps_a_plain_language_model_whole(world, tiny_model):
     """A language model that is only decoder + head is copied as it is (its archive keys stay the model
     class's); LLaVA's loses the vision tower and projector, and the copy computes what the original does."""
     plain = load_adapter(str(world / "model")).language_model
     copy = text_side_copy(plain)
     assert type(copy) is type(plain) and list(copy.state_dict()) == list(plain.state_dict())
-    llava = load_adapter(tiny_arch("llava15")).language_model
+    llava = load_adapter(tiny_model("llava15")).language_model
     text = text_side_copy(llava)
     names = list(dict(text.named_parameters()))
     assert names and not any("vision" in n or "projector" in n for n in names)

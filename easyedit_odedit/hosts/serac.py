@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import List, Optional
+from typing import List
 
 import torch
 import transformers
