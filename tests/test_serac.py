@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from easyedit_odedit import ODEditError, ODEditHyperParams, compat
+from easyedit_odedit import ODEditError, ODEditFileNotFoundError, ODEditHyperParams, compat
 from easyedit_odedit.hosts.easyedit_native import build_easyedit_hparams
 from easyedit_odedit.hosts.serac import PluginSERAC, scope_classifier_for, write_scope_classifier
 from easyedit_odedit.models.loading import load_adapter
@@ -207,3 +207,24 @@ def test_without_a_generality_weight_the_mmd_only_logs(world, tmp_path, classifi
     base = dict(trainer.model.model.language_model.named_parameters())
     trained = dict(trainer.model.replacement.language_model.named_parameters())
     assert any(not torch.equal(base[k], v) for k, v in trained.items())  # it trained (a copy of the base at first)
+
+
+def test_a_scope_classifier_left_as_a_placeholder_is_a_clear_error(world, tmp_path):
+    """The shipped real-model YAMLs carry cls_name: /path/to/distilbert-base-cased; left in place it
+    failed inside transformers as a malformed hub id. The error names the field and how to get a BERT
+    folder, and that command writes one."""
+    import subprocess
+    import sys
+
+    model = load_adapter(str(world / "model"))
+    for value, error in [("/path/to/distilbert-base-cased", ODEditFileNotFoundError), ("", ODEditError)]:
+        hp = build_easyedit_hparams("SERAC", dict(HOST, cls_name=value), _fields(world, "results"), "test")
+        with pytest.raises(error, match="host_hparams.cls_name") as raised:
+            PluginSERAC(model, hp, lambda: None)
+        assert "--classifier" in str(raised.value)
+    folder = tmp_path / "scope-bert"
+    done = subprocess.run([sys.executable, "-m", "easyedit_odedit.hosts.serac", "--classifier", str(world / "model"),
+                           str(folder)], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert done.stdout.strip() == str(folder) and (folder / "config.json").is_file()
+    hp = build_easyedit_hparams("SERAC", dict(HOST, cls_name=str(folder)), _fields(world, "results"), "test")
+    assert isinstance(PluginSERAC(model, hp, lambda: None), PluginSERAC)

@@ -31,7 +31,7 @@ import transformers
 from torch import nn
 
 from .. import compat
-from ..errors import ODEditError
+from ..errors import ODEditError, ODEditFileNotFoundError
 from ..models.adapter import AdapterOutput, MultimodalLMAdapter, token_nll
 
 SERAC_MULTI = compat.easyedit_class("trainer.algs.SERAC", "SERAC_MULTI")
@@ -104,6 +104,8 @@ class PluginSERAC(SERAC_MULTI):
             raise ODEditError("model_name", config.model_name, "use blip2 or minigpt4 (EasyEdit's multimodal "
                               "trainer and SERAC read a plugin model through that path)",
                               problem="is not a path EasyEdit's SERAC_MULTI can edit a plugin model on")
+        if classifier is None:
+            _check_scope_classifier(config.cls_name)
         if replacement is None:
             if getattr(config, "freeze_cntr", False):
                 raise ODEditError("host_hparams.freeze_cntr", True, "set it to false: on a plugin model the "
@@ -163,6 +165,18 @@ class PluginSERAC(SERAC_MULTI):
         return {"image": samples.get("image"), "text_input": texts, "prompts_len": counts}
 
 
+def _check_scope_classifier(cls_name) -> None:
+    """EasyEdit hands ``cls_name`` to ``from_pretrained``: a folder that is not there (a YAML's
+    /path/to/ left in place) would fail deep inside transformers as a malformed hub id."""
+    fix = ("point host_hparams.cls_name at a BERT folder: EasyEdit's distilbert-base-cased, or "
+           "`python -m easyedit_odedit.hosts.serac --classifier <model dir> <folder>` where no hub is reachable")
+    if not cls_name:
+        raise ODEditError("host_hparams.cls_name", cls_name, fix, problem="is empty")
+    looks_like_a_path = os.path.isabs(cls_name) or cls_name.startswith(("./", "../", "~"))
+    if looks_like_a_path and not os.path.isdir(os.path.expanduser(cls_name)):
+        raise ODEditFileNotFoundError("host_hparams.cls_name", cls_name, fix)
+
+
 def serac_multi(model, config, *args, **kwargs):
     """What EasyEdit's ``SERAC_MULTI(...)`` builds: ``PluginSERAC`` on a plugin model, EasyEdit's
     own class on EasyEdit's models."""
@@ -207,3 +221,19 @@ def scope_classifier_for(model_dir: str, folder: str, seed: int = 0) -> str:
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     return write_scope_classifier(folder, list(tokenizer.get_vocab()), seed=seed)
 
+
+
+def main(argv=None) -> None:
+    """``python -m easyedit_odedit.hosts.serac --classifier MODEL_DIR FOLDER``: write the small scope
+    classifier for a model saved in MODEL_DIR (``scope_classifier_for``) and print its folder."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m easyedit_odedit.hosts.serac", description=main.__doc__)
+    parser.add_argument("--classifier", nargs=2, metavar=("MODEL_DIR", "FOLDER"), required=True,
+                        help="FOLDER's name must contain 'bert' (SERAC's cls_name)")
+    args = parser.parse_args(argv)
+    print(scope_classifier_for(*args.classifier))
+
+
+if __name__ == "__main__":
+    main()
