@@ -329,6 +329,17 @@ def _check_odedit_edit(method, args, kwargs):
     return (editor, *rest), kwargs
 
 
+def _check_odedit_model(method, args, kwargs):
+    """Before EasyEdit's editor or trainer builds the model of an ODEdit config
+    (``validation.check_model_fields``): a wrong ``name`` fails at once, naming the field."""
+    hparams = args[1] if len(args) > 1 else kwargs.get("hparams", kwargs.get("config"))
+    if getattr(hparams, "alg_name", None) == "ODEdit":
+        from .validation import check_model_fields
+
+        check_model_fields(hparams, flavour() == MAIN)
+    return args, kwargs
+
+
 def _dedupe_handlers(logger: logging.Logger) -> None:
     """EasyEdit's ``make_logs`` adds a file and a stream handler on every editor construction."""
     seen, kept = set(), []
@@ -418,7 +429,7 @@ def _wrap_entry_points() -> None:
             method = _editor_init(method)
         if owner is trainer_mod.BaseTrainer and name == "__init__":
             method = _trainer_init(method)
-        check = _check_odedit_edit if (owner is editor_cls and name == "edit") else None
+        check = {"edit": _check_odedit_edit, "__init__": _check_odedit_model}.get(name)
         setattr(owner, name, _scoped(method, check))
 
 

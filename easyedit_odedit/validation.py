@@ -7,6 +7,8 @@
   deep inside EasyEdit.
 * ``check_request`` checks one request dict as ``apply_odedit_to_multimodal_model`` receives it
   (after EasyEdit prepared it, or from a caller that bypasses the editor).
+* ``check_model_fields`` checks an ODEdit config's ``model_name`` and ``name`` before EasyEdit's
+  editor or trainer builds the model (``compat`` calls it from the scoped ``__init__`` wrappers).
 
 Every failure raises ``ODEditError`` / ``ODEditFileNotFoundError`` naming the field, the value and
 the fix.
@@ -380,3 +382,38 @@ def _non_empty_text(field: str, value) -> None:
         raise ODEditError(field, value, "give a string", problem="has the wrong type")
     if not value.strip():
         raise ODEditError(field, value, "give a non-empty string", problem="is empty")
+
+
+# ------------------------------------------------------------------------------------------------
+# The model an ODEdit editor or trainer is about to build
+# ------------------------------------------------------------------------------------------------
+LAVIS_PATH_NAMES = ("blip2", "minigpt4")  # EasyEdit's model_name values the plugin's loader serves
+
+
+def check_model_fields(hparams, on_main: bool) -> None:
+    """ODEdit drives models through the plugin's adapter: on EasyEdit's LAVIS path ``name`` must be a
+    folder the plugin loads (EasyEdit would otherwise build its own LAVIS model, trying to download
+    its weights for minutes on a machine without a hub, and ODEdit could not edit it anyway); the
+    PyPI release has no other path (it fails with an UnboundLocalError); on GitHub main the HF path
+    needs the folder to exist."""
+    from .models.loading import is_plugin_checkpoint
+
+    model_name, name = getattr(hparams, "model_name", None), getattr(hparams, "name", None)
+    if model_name in LAVIS_PATH_NAMES:
+        if is_plugin_checkpoint(name):
+            return
+        fix = ("set name to the folder `python -m easyedit_odedit.models.minigpt4` writes (README: MiniGPT-4)"
+               if model_name == "minigpt4" else
+               "set name (and tokenizer_name) to a transformers BLIP-2 or LLaVA directory, or a plugin model folder")
+        fix += "; ODEdit edits models through the plugin's loader, not EasyEdit's own LAVIS models"
+        if not (isinstance(name, (str, os.PathLike)) and os.path.isdir(name)):
+            raise ODEditFileNotFoundError("name", name, fix)
+        raise ODEditError("name", name, fix, problem="is not a model folder the plugin can load")
+    if not on_main:
+        raise ODEditError("model_name", model_name, "the installed EasyEdit (PyPI release) builds blip2 and minigpt4 "
+                          "only: use model_name: blip2 with a transformers LLaVA / BLIP-2 directory as name, or "
+                          "install EasyEdit from GitHub main for its Qwen2-VL / LLaVA-OneVision path",
+                          problem="is not a model the installed EasyEdit can build")
+    if not (isinstance(name, (str, os.PathLike)) and os.path.isdir(name)):
+        raise ODEditFileNotFoundError("name", name, "set model_name and name to the model's folder (GitHub main "
+                                      "recognises Qwen2-VL / LLaVA-OneVision by the folder's name)")

@@ -1,8 +1,13 @@
+import os
+
 import pytest
+import yaml
 
 from easyedit_odedit import ODEditError, ODEditFileNotFoundError, ODEditHyperParams
 from easyedit_odedit.hosts.builtin import FTHyperParams
 from tests.conftest import write_yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_loads_and_exposes_what_easyedit_reads(world):
@@ -64,3 +69,28 @@ def test_missing_and_malformed_files(world, tmp_path):
     missing_host.write_text("alg_name: ODEdit\n")
     with pytest.raises(ODEditError, match="host is missing"):
         ODEditHyperParams.from_hparams(str(missing_host))
+
+
+def test_a_model_folder_that_is_not_there_fails_before_easyedit_builds_anything(world, tmp_path):
+    """The real-model YAMLs ship with /path/to/... entries. Left in place, EasyEdit built its own LAVIS
+    model instead, trying to download its weights for minutes without a hub (and ODEdit cannot edit
+    that model anyway); the PyPI release on a GitHub-main-only model failed with an UnboundLocalError.
+    Now the editor and the trainer fail at once, naming the field."""
+    from easyeditor import MultimodalEditor, MultimodalTrainer
+
+    from easyedit_odedit import compat
+
+    cases = [({"name": "/path/to/llava-1.5-7b-hf"}, ODEditFileNotFoundError, "name names a file"),
+             ({"name": str(world / "img")}, ODEditError, "name is not a model folder the plugin can load")]
+    if compat.flavour() != compat.MAIN:
+        cases.append(({"model_name": "/path/to/qwen2-vl-7b-instruct"}, ODEditError, "model_name is not a model"))
+    for fields, error, words in cases:
+        hp = ODEditHyperParams.from_hparams(write_yaml(world, **fields))
+        with pytest.raises(error, match=words):
+            MultimodalEditor.from_hparams(hp)
+    training = os.path.join(ROOT, "hparams", "TRAINING", "ODEdit")
+    with open(os.path.join(training, "tiny-mend.yaml")) as f:
+        config = dict(yaml.safe_load(f), name="/path/to/blip2-opt-2.7b", results_dir=str(tmp_path))
+    hp = ODEditHyperParams.from_dict(config, source_path=os.path.join(training, "x.yaml"))
+    with pytest.raises(ODEditFileNotFoundError, match="name names a file"):
+        MultimodalTrainer(config=hp, train_set=None, val_set=None)
