@@ -13,6 +13,7 @@ rephrases is legitimate: this is meta-training, not the edit of an evaluated rec
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Dict
 
 import torch
@@ -59,6 +60,7 @@ class ODEditMultimodalTrainer:
         self._multiplier = tv.LagrangeMultiplier(hp.penalty.lambda_hidden, hp.penalty.lambda_init,
                                                  hp.penalty.lambda_max, int(hp.seed))
         self._odedit_logs: Dict[str, float] = {}
+        self._warned_nonfinite = False
 
     def edit_step(self, batch, training: bool):
         if not hasattr(self, "_odedit_step"):
@@ -114,6 +116,11 @@ class ODEditMultimodalTrainer:
         extra = hp.host_params.cedit * env_risks["edit_inner"] + gen_term + weight * lam.detach() * penalty
         if dual and weight > 0:
             self._multiplier.ascend(lam, weight * (penalty.item() - hp.penalty.tv_tolerance), hp.penalty.dual_lr)
+        if dual and not self._warned_nonfinite and not torch.isfinite(extra).item():
+            self._warned_nonfinite = True  # EasyEdit logs each skipped step at INFO level only
+            warnings.warn(f"ODEdit's meta-training terms are not finite at step {self._odedit_step}: EasyEdit skips "
+                          "every step whose gradient is not finite, so nothing trains while this lasts; lower the "
+                          "learning rate or penalty.weight", RuntimeWarning, stacklevel=2)
         self._odedit_logs = {"odedit/rel_nll": env_risks["edit_inner"].item(), "odedit/gen_mmd": r_gen.item(),
                              "odedit/tv": penalty.item(), "odedit/lambda": lam.item()}
         return extra

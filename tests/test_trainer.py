@@ -4,6 +4,7 @@ import json
 import os
 import weakref
 
+import pytest
 import torch
 import yaml
 
@@ -249,3 +250,25 @@ def test_refinement_starts_from_the_weights_before_a_host_proposal_that_makes_th
     assert all(torch.equal(from_better[n], v) for n, v in refined.items())
     assert any(not torch.equal(from_host[n], v) for n, v in refined.items())
     assert started == [False, True]  # nothing proposed: the same start either way; dropped; `host` never asks
+
+
+def test_odedit_terms_that_are_not_finite_warn_once(world, tmp_path, monkeypatch):
+    """EasyEdit's trainer skips every step whose gradient is not finite and says so only at INFO level:
+    ODEdit terms that stay NaN would leave MEND untrained without a word. The first one warns."""
+    from easyeditor import MultimodalTrainer
+
+    from easyedit_odedit import trainer as odedit_trainer
+
+    monkeypatch.setattr(odedit_trainer.risks, "generality_mmd", lambda z_e, z_r, m: (z_e.sum() + z_r.sum()) * float("nan"))
+    config = yaml.safe_load(open(os.path.join(ROOT, "hparams/TRAINING/ODEdit/tiny-mend.yaml")))
+    host = dict(yaml.safe_load(open(os.path.join(ROOT, "hparams/TRAINING/MEND/tiny-host.yaml"))), max_iters=4,
+                val_interval=2, val_steps=1)
+    config.update(name=str(world / "model"), tokenizer_name=str(world / "model"), coco_image=str(world),
+                  rephrase_image=str(world), results_dir=str(tmp_path / "results"), host_hparams=host)
+    hp = ODEditHyperParams.from_dict(config)
+    assert hp.risks.gen_weight > 0
+    VQADataset = compat.module("dataset.vqa").VQADataset
+    records = VQADataset(_vqa_json(world, tmp_path / "train.json", 4), config=hp)
+    with pytest.warns(RuntimeWarning, match="not finite") as caught:
+        MultimodalTrainer(config=hp, train_set=records, val_set=records).run()
+    assert sum("not finite" in str(w.message) for w in caught) == 1
