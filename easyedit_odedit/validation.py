@@ -406,7 +406,7 @@ def check_model_fields(hparams, on_main: bool) -> None:
                if model_name == "minigpt4" else
                "set name (and tokenizer_name) to a transformers BLIP-2 or LLaVA directory, or a plugin model folder")
         fix += "; ODEdit edits models through the plugin's loader, not EasyEdit's own LAVIS models"
-        if not (isinstance(name, (str, os.PathLike)) and os.path.isdir(name)):
+        if not _is_folder(name):
             raise ODEditFileNotFoundError("name", name, fix)
         raise ODEditError("name", name, fix, problem="is not a model folder the plugin can load")
     if not on_main:
@@ -414,6 +414,10 @@ def check_model_fields(hparams, on_main: bool) -> None:
                           "only: use model_name: blip2 with a transformers LLaVA / BLIP-2 directory as name, or "
                           "install EasyEdit from GitHub main for its Qwen2-VL / LLaVA-OneVision path",
                           problem="is not a model the installed EasyEdit can build")
-    if not (isinstance(name, (str, os.PathLike)) and os.path.isdir(name)):
+    if not _is_folder(name):
         raise ODEditFileNotFoundError("name", name, "set model_name and name to the model's folder (GitHub main "
                                       "recognises Qwen2-VL / LLaVA-OneVision by the folder's name)")
+
+
+def _is_folder(path) -> bool:
+    return isinstance(path, (str, os.PathLike)) and os.path.isdir(path)

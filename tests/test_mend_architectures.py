@@ -3,7 +3,7 @@ through EasyEdit's own ``MultimodalTrainer``, MEND fields in ``hparams/TRAINING/
 ``hparams/ODEdit/{arch}-mend.yaml`` (editing with the archive).
 
 The YAMLs name layers 29-31 of the real 32-layer decoders; the tiny models of the same transformers
-classes (``models.tiny.save_tiny_model``) have 4. Each name is moved to the tiny model's top layers with
+classes (``models.tiny.save_tiny_arch``) have 4. Each name is moved to the tiny model's top layers with
 everything but the layer index kept, so a wrong name (``opt_model.`` for ``language_model.``, a
 ``language_model.model.layers`` where LLaVA has ``language_model.model.language_model.layers``) fails here.
 Then MEND is meta-trained for a few iterations with ODEdit's objective and one edit runs with the archive:

@@ -12,7 +12,7 @@ from easyedit_odedit.hosts.easyedit_native import build_easyedit_hparams
 from easyedit_odedit.hosts.serac import PluginSERAC, scope_classifier_for, write_scope_classifier
 from easyedit_odedit.models.loading import load_adapter
 from tests.conftest import PROMPT, edit_kwargs
-from tests.test_trainer import _vqa_json
+from tests.test_trainer import _vqa_json, nan_mmd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # where EasyEdit puts a model with ``device: 0`` (and moves SERAC's classifier tokens to)
@@ -196,9 +196,6 @@ def test_without_a_generality_weight_the_mmd_only_logs(world, tmp_path, classifi
     a MMD that comes out NaN (0 * NaN is NaN) cannot stop training: EasyEdit's trainer skips every step
     whose gradient holds a NaN, and the counterfactual model would never move from its copy."""
     from easyedit_odedit import trainer as odedit_trainer
-
-    def nan_mmd(z_e, z_r, multipliers):
-        return (z_e.sum() + z_r.sum()) * float("nan")
 
     monkeypatch.setattr(odedit_trainer.risks, "generality_mmd", nan_mmd)
     trainer, _, _ = _train(world, tmp_path, classifier, "ODEdit")

@@ -252,6 +252,11 @@ def test_refinement_starts_from_the_weights_before_a_host_proposal_that_makes_th
     assert started == [False, True]  # nothing proposed: the same start either way; dropped; `host` never asks
 
 
+def nan_mmd(z_e, z_r, multipliers):
+    """A generality MMD that comes out NaN, still attached to the features' graph."""
+    return (z_e.sum() + z_r.sum()) * float("nan")
+
+
 def test_odedit_terms_that_are_not_finite_warn_once(world, tmp_path, monkeypatch):
     """EasyEdit's trainer skips every step whose gradient is not finite and says so only at INFO level:
     ODEdit terms that stay NaN would leave MEND untrained without a word. The first one warns."""
@@ -259,7 +264,7 @@ def test_odedit_terms_that_are_not_finite_warn_once(world, tmp_path, monkeypatch
 
     from easyedit_odedit import trainer as odedit_trainer
 
-    monkeypatch.setattr(odedit_trainer.risks, "generality_mmd", lambda z_e, z_r, m: (z_e.sum() + z_r.sum()) * float("nan"))
+    monkeypatch.setattr(odedit_trainer.risks, "generality_mmd", nan_mmd)
     config = yaml.safe_load(open(os.path.join(ROOT, "hparams/TRAINING/ODEdit/tiny-mend.yaml")))
     host = dict(yaml.safe_load(open(os.path.join(ROOT, "hparams/TRAINING/MEND/tiny-host.yaml"))), max_iters=4,
                 val_interval=2, val_steps=1)

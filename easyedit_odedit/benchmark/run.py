@@ -256,6 +256,7 @@ def base_model_info(model_dir: str) -> Dict[str, Any]:
 
 # -------------------------------------------------------------------------------------------------
 # EasyEdit's evaluation
+# -------------------------------------------------------------------------------------------------
 def image_path(image_root: str, rel: str) -> str:
     return os.path.abspath(os.path.join(image_root, rel))
 

@@ -33,6 +33,7 @@ from torch import nn
 from .. import compat
 from ..errors import ODEditError, ODEditFileNotFoundError
 from ..models.adapter import AdapterOutput, MultimodalLMAdapter, token_nll
+from ..validation import LAVIS_PATH_NAMES
 
 SERAC_MULTI = compat.easyedit_class("trainer.algs.SERAC", "SERAC_MULTI")
 
@@ -100,7 +101,7 @@ class PluginSERAC(SERAC_MULTI):
 
     def __init__(self, model, config, model_constructor, classifier=None, classifier_tok=None,
                  replacement=None, replacement_tok=None, cache_inputs=None, cache_labels=None, scale=None):
-        if config.model_name not in ("blip2", "minigpt4"):
+        if config.model_name not in LAVIS_PATH_NAMES:
             raise ODEditError("model_name", config.model_name, "use blip2 or minigpt4 (EasyEdit's multimodal "
                               "trainer and SERAC read a plugin model through that path)",
                               problem="is not a path EasyEdit's SERAC_MULTI can edit a plugin model on")
@@ -220,7 +221,6 @@ def scope_classifier_for(model_dir: str, folder: str, seed: int = 0) -> str:
         return folder
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     return write_scope_classifier(folder, list(tokenizer.get_vocab()), seed=seed)
-
 
 
 def main(argv=None) -> None:
