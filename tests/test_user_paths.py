@@ -30,9 +30,9 @@ def pool_cache(tmp_path_factory):
 
 
 def _env(**extra):
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", **extra)
-    env.pop("PYTHONPATH", None)
-    return env
+    """This environment, with ``extra`` as the only import path besides the interpreter's own."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return dict(env, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", **extra)
 
 
 def _first_python_block(markdown: str) -> str:
@@ -45,7 +45,8 @@ def test_readme_quick_start_runs_as_written_and_prints_post_metrics(pool_cache, 
     with open(os.path.join(ROOT, "README.md")) as f:
         script = tmp_path / "quick_start.py"
         script.write_text(_first_python_block(f.read()))
-    done = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=_env(ODEDIT_CACHE=pool_cache),
+    # saved in the repository root and run there, the script would import this checkout: PYTHONPATH says so
+    done = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=_env(ODEDIT_CACHE=pool_cache, PYTHONPATH=ROOT),
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     post = [line for line in done.stdout.splitlines() if line.startswith("post")]
