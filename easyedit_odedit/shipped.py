@@ -31,7 +31,7 @@ RECORDS_COMMAND = ("python -m easyedit_odedit.benchmark.records --model easyedit
 
 def hparams_path(relpath: str) -> str:
     """``relpath`` inside ``hparams/``: the installed package data, else the checkout's folder."""
-    installed = resources.files(__package__).joinpath("hparams", relpath)
+    installed = resources.files(__package__) / "hparams" / relpath
     if installed.is_file():
         return str(installed)
     return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "hparams", relpath)
