@@ -1,8 +1,8 @@
 """``odedit``: command-line entry point.
 
-``odedit demo --out DIR``: the quick MiniMMEdit benchmark (``hparams/bench/demo.yaml``: the shipped
-base model, one seed, FT-L and LoRA each alone and with ODEdit, single and T = 5 sequential
-editing, a small learning-rate curve), through EasyEdit's own ``MultimodalEditor`` and evaluation.
+``odedit demo --out DIR``: the quick MiniMMEdit benchmark (``hparams/bench/demo.yaml``, installed
+with the package: the shipped base model, one seed, FT-L and LoRA each alone and with ODEdit,
+single and T = 5 sequential editing, a small learning-rate curve), through EasyEdit's own ``MultimodalEditor`` and evaluation.
 Prints the table and writes ``DIR/results.json``, ``results.md`` and ``results.png``.
 
 ``odedit bench --config hparams/bench/full.yaml --out DIR``: the same for any bench config.
@@ -16,8 +16,6 @@ import os
 import sys
 import time
 
-PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-BENCH_DIR = os.path.join(os.path.dirname(PACKAGE_DIR), "hparams", "bench")
 HOST_YAMLS = {"FT-L": "minimmedit-ft-l.yaml", "FT-V": "minimmedit-ft-v.yaml", "LoRA": "minimmedit-lora.yaml"}
 
 
@@ -25,16 +23,17 @@ def _demo_config(host=None) -> dict:
     import yaml
 
     from .benchmark.run import load_config
+    from .shipped import hparams_path
 
-    path = os.path.join(BENCH_DIR, "demo.yaml")
+    path = hparams_path("bench/demo.yaml")  # package data when installed (setup.py), else the checkout's
     if not os.path.isfile(path):
-        raise SystemExit(f"odedit demo: {path} not found; run from a checkout of easyedit-odedit "
-                         "(pip install -e .) or pass a config to `odedit bench --config`")
+        raise SystemExit(f"odedit demo: {path} not found; reinstall easyedit-odedit "
+                         "or pass a config to `odedit bench --config`")
     if not host:
         return load_config(path)
     with open(path) as f:
         raw = yaml.safe_load(f)
-    raw["hosts"] = {host: os.path.join(os.path.dirname(BENCH_DIR), "ODEdit", HOST_YAMLS[host])}
+    raw["hosts"] = {host: hparams_path(f"ODEdit/{HOST_YAMLS[host]}")}
     if raw.get("curve"):
         raw["curve"]["hosts"] = [host]
     raw["variants"] = [v for v in raw.get("variants", []) if v["host"] == host]

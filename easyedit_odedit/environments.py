@@ -29,6 +29,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 
 from .errors import ODEditError, ODEditFileNotFoundError
+from .shipped import MINIMMEDIT_POOL, RECORDS_COMMAND, resolve_locality_pool
 
 EDIT_FIELDS = ("prompt", "target", "image")
 VQA_TEMPLATE = "Question: {} Short answer:"
@@ -159,7 +160,9 @@ def load_locality_pool(path: str, image_root: str) -> tuple:
     ``m_loc_a``, ``loc``/``loc_ans``) or a JSON list of {prompt, answer, image?}."""
     if not os.path.isfile(path):
         raise ODEditFileNotFoundError("environments.locality_pool", path,
-                                      "give a train-split JSON (E-VQA format) or a JSON list of prompts")
+                                      f"write MiniMMEdit's records and pool with `{RECORDS_COMMAND}`, use "
+                                      f"`{MINIMMEDIT_POOL}` (built on first use), or give your own train-split "
+                                      "JSON (E-VQA format) or JSON list of prompts")
     with open(path) as f:
         records = json.load(f)
     if not isinstance(records, list):
@@ -209,8 +212,8 @@ class EnvironmentBuilder:
         self.image_processor = image_processor
         self.pool: Sequence[PoolEntry] = ()
         if settings.locality_pool:
-            root = settings.locality_image_root if settings.locality_image_root is not None else coco_root
-            self.pool = load_locality_pool(settings.locality_pool, root or "")
+            path, root = resolve_locality_pool(settings.locality_pool, settings.locality_image_root)
+            self.pool = load_locality_pool(path, (root if root is not None else coco_root) or "")
 
     def in_and_se(self, view: dict) -> List[Row]:
         """IN and SE rows (image views at ``view_size``)."""

@@ -9,7 +9,7 @@ Example (``hparams/ODEdit/minimmedit-ft-l.yaml``)::
     model_name: blip2            # EasyEdit's LAVIS code path
     name: easyedit_odedit/assets/minimmedit-base
     device: 0
-    environments: {locality_pool: data/minimmedit/train.json}
+    environments: {locality_pool: minimmedit:train}   # or a train-split E-VQA JSON of yours
     penalty: {warmup_steps: 5}
 
 Attributes EasyEdit reads (``model_name``, ``name``, ``tokenizer_*``, ``coco_image``, ...) come from
