@@ -208,6 +208,7 @@ class EnvironmentBuilder:
         self.images = ImageAugmenter(settings, self.gen)
         self.image_processor = image_processor
         self.pool: Sequence[PoolEntry] = ()
+        self.by_content = settings.probe_pool > 0
         if settings.locality_pool:
             root = settings.locality_image_root if settings.locality_image_root is not None else coco_root
             self.pool = load_locality_pool(settings.locality_pool, root or "")
@@ -233,7 +234,8 @@ class EnvironmentBuilder:
         text_entries = [e for e in self.pool if e.image_path is None]
         image_entries = [e for e in self.pool if e.image_path is not None]
         text_rows = [Row("OUT_text", e.prompt, e.answer) for e in self._sample(text_entries, k * s.out_text)]
-        candidates = self._sample(image_entries, s.near_miss_search * k * s.out_image) if s.out_image else []
+        searched = s.probe_pool if self.by_content else s.near_miss_search * k * s.out_image
+        candidates = self._sample(image_entries, searched) if (s.out_image or self.by_content) else []
         image_rows = [Row("OUT_image", e.prompt, e.answer, self._load_image(e.image_path)) for e in candidates]
         return {"text": text_rows, "image": image_rows}
 
@@ -263,6 +265,8 @@ class EnvironmentBuilder:
         the edit's own question and their own; the rest of the quota is far rows."""
         s, k = self.settings, self.settings.pool_factor
         quota = k * s.out_image
+        if self.by_content and answers is not None and candidates and view.get("image") is not None:
+            return self._by_content(view, candidates, features, answers)
         if not candidates or quota == 0 or view.get("image") is None:
             return candidates[:quota]
         views = [r.image for r in se_rows if r.env == "SE_image"]
@@ -283,6 +287,18 @@ class EnvironmentBuilder:
         rows += [Row("OUT_far", candidates[i].prompt, candidates[i].target, candidates[i].image)
                  for i in far_idx[: quota - len(rows)]]
         return rows
+
+    def _by_content(self, view: dict, candidates: List[Row], features, answers) -> List[Row]:
+        """``ContentMiner``'s near misses, same-content and protecting rows, and far rows (their own
+        question) from the candidates that share nothing with the edit image."""
+        feats = features([view["image"], *[r.image for r in candidates]])
+        distances = (feats[1:] - feats[0]).norm(dim=-1).tolist()
+        found = ContentMiner(self.settings, self.rng).rows(view, candidates, distances, answers)
+        far = found.pop("far")
+        self.rng.shuffle(far)
+        n_far = self.settings.pool_factor * EnvironmentSampler.far_quota(self.settings)
+        return [row for group in found.values() for row in group] + [
+            Row("OUT_far", r.prompt, r.target, r.image) for r in far[:n_far]]
 
     def _nearest_distinct(self, view: dict, candidates: List[Row], order: List[int], wanted: int,
                           answers: Optional[Callable[[List[Row]], List[str]]]):
@@ -320,6 +336,108 @@ class EnvironmentBuilder:
         said = answers(probes)
         edit_answer, per_candidate = said[0], [said[1 + 3 * j: 4 + 3 * j] for j in range(len(candidates))]
         return [(on_c == edit_answer and own_on_edit == own_on_c, on_c) for on_c, own_on_edit, own_on_c in per_candidate]
+
+
+# --------------------------------------------------------------------------------------------
+# OUT and SE by content: what the unedited model says about each pool image
+# --------------------------------------------------------------------------------------------
+def same_answer(a: str, b: str) -> bool:
+    """Answers compared as a person would: case, punctuation and a leading article do not count."""
+    return _normal_answer(a) == _normal_answer(b)
+
+
+def _normal_answer(text: str) -> str:
+    words = "".join(c if c.isalnum() or c.isspace() else " " for c in text.lower()).split()
+    return " ".join(words[1:] if words[:1] in (["a"], ["an"], ["the"]) else words)
+
+
+@dataclass
+class Description:
+    """The unedited model's answers on one image: ``answers[0]`` to the edit's question, the rest to
+    the probes that ask something else (the image's other attributes)."""
+
+    answers: List[str]
+    image: torch.Tensor
+
+
+class ContentMiner:
+    """Near misses and same-content images of an edit, told apart by the unedited model's answers
+    rather than by pixels: augmented views of one image do not show where a concept ends, and
+    "the same answer to the edit's question" alone takes exactly the images an edit spills into
+    (same colour, other shape, for a colour edit) for the edit's own content.
+
+    Each candidate is described by its answers to the edit's question and to every probe that asks
+    something else. Same content: every answer equal to the edit image's. Near miss: some equal,
+    not all; those that share the edit question's answer are the ones an edit changes by mistake,
+    so they come first. Rows:
+
+    * ``OUT_near``: the edit's question on near misses (target: the unedited answer);
+    * ``SE_content``: the edit's question on same-content images (target: the edit's target);
+    * ``OUT_protect``: the other probes on the edit image and same-content images (what else the
+      model says about the edited concept must not change).
+    """
+
+    SAME_QUESTION_AGREEMENT = 0.9  # a probe that answers like the edit's question asks the same thing
+
+    def __init__(self, settings, rng: random.Random):
+        self.settings, self.rng = settings, rng
+
+    def rows(self, view: dict, candidates: List[Row], distances: Sequence[float],
+             answers: Callable[[List[Row]], List[str]]) -> Dict[str, List[Row]]:
+        """``candidates``: pool image rows (their own question and answer), ``distances`` their
+        feature distances to the edit image. Returns rows by group, and ``far``: candidates that
+        share nothing with the edit image."""
+        edit, described, probes = self.describe(view, candidates, answers)
+        order = sorted(range(len(candidates)), key=lambda i: distances[i])
+        same, sharing, partial, far = [], [], [], []
+        for i in order:
+            equal = [same_answer(a, b) for a, b in zip(described[i].answers, edit.answers)]
+            if all(equal):
+                same.append(i)
+            elif equal[0]:
+                sharing.append(i)
+            elif any(equal):
+                partial.append(i)
+            else:
+                far.append(i)
+        k, s = self.settings.pool_factor, self.settings
+        prompt, target = view["prompt"], view["target"]
+        near = _half_and_half(sharing, partial, k * s.near_miss_rows)
+        same = same[: k * s.same_content_rows]
+        protect = [Row("OUT_protect", q, a, d.image) for d in [edit, *[described[i] for i in same]]
+                   for q, a in zip(probes, d.answers[1:])]
+        self.rng.shuffle(protect)
+        return {"OUT_near": [Row("OUT_near", prompt, described[i].answers[0], candidates[i].image) for i in near],
+                "SE_content": [Row("SE_content", prompt, target, candidates[i].image) for i in same],
+                "OUT_protect": protect[: k * s.protect_rows],
+                "far": [candidates[i] for i in far]}
+
+    def describe(self, view: dict, candidates: List[Row], answers: Callable[[List[Row]], List[str]]):
+        """The edit image's description, each candidate's, and the probes that ask something else
+        than the edit's question (the described attributes besides its answer)."""
+        questions = [view["prompt"], *[p for p in self.settings.probes if p != view["prompt"]]]
+        images = [view["image"], *[c.image for c in candidates]]
+        said = answers([Row("probe", q, None, image) for image in images for q in questions])
+        table = [said[i * len(questions):(i + 1) * len(questions)] for i in range(len(images))]
+        other = [j for j in range(1, len(questions)) if not self._asks_the_same(table, j)]
+        pick = [0, *other]
+        descriptions = [Description([row[j] for j in pick], image) for row, image in zip(table, images)]
+        return descriptions[0], descriptions[1:], [questions[j] for j in other]
+
+    def _asks_the_same(self, table: List[List[str]], j: int) -> bool:
+        """A probe whose answers agree with the edit question's on the edit image and on nearly every
+        candidate asks the same thing (a colour probe for a colour edit): it is neither a described
+        attribute nor a row to protect (the edit must change it)."""
+        if not same_answer(table[0][0], table[0][j]):
+            return False
+        agree = sum(same_answer(row[0], row[j]) for row in table)
+        return agree >= self.SAME_QUESTION_AGREEMENT * len(table)
+
+
+def _half_and_half(first: list, second: list, n: int) -> list:
+    """n items, half from each list (the first gets the odd one), the other list filling a shortfall."""
+    from_first = min(len(first), max((n + 1) // 2, n - len(second)))
+    return first[:from_first] + second[: n - from_first]
 
 
 class ImageCache:
@@ -377,7 +495,8 @@ class EnvironmentSampler:
     """Each step: IN plus a fresh random subset of every SE/OUT group, from the fixed pool."""
 
     GROUP_QUOTA = {"SE_text": "se_text", "SE_image": "se_image", "SE_joint": "se_joint",
-                   "OUT_text": "out_text", "OUT_past": "out_past"}
+                   "OUT_text": "out_text", "OUT_past": "out_past", "SE_content": "same_content_rows",
+                   "OUT_protect": "protect_rows"}
 
     def __init__(self, rows: List[Row], settings, seed: int):
         self.rows, self.settings = rows, settings
@@ -391,9 +510,15 @@ class EnvironmentSampler:
             return 1
         if env in self.GROUP_QUOTA:
             return getattr(self.settings, self.GROUP_QUOTA[env])
-        near_share = self.settings.near_miss_share
-        n_out = self.settings.out_image
-        return max(1, int(round(n_out * (near_share if env == "OUT_near" else 1 - near_share))))
+        if env == "OUT_near":
+            if self.settings.probe_pool > 0:
+                return self.settings.near_miss_rows
+            return max(1, int(round(self.settings.out_image * self.settings.near_miss_share)))
+        return self.far_quota(self.settings)
+
+    @staticmethod
+    def far_quota(settings) -> int:
+        return max(1, int(round(settings.out_image * (1 - settings.near_miss_share))))
 
     def sample(self) -> List[int]:
         chosen = []

@@ -22,8 +22,8 @@ from ..prefix_cache import (LastModuleCache, PrefixCache, decoder_layers, edited
 
 Cache = Union[PrefixCache, LastModuleCache]
 
-SE_ENVS = ("SE_text", "SE_image", "SE_joint")
-OUT_ENVS = ("OUT_text", "OUT_near", "OUT_far", "OUT_past")
+SE_ENVS = ("SE_text", "SE_image", "SE_joint", "SE_content")
+OUT_ENVS = ("OUT_text", "OUT_near", "OUT_far", "OUT_past", "OUT_protect")
 
 
 class EditRows:
@@ -142,6 +142,7 @@ class ODEditObjective:
         self.cache = edit_rows.cache
         self.step = 0
         self.best = None  # (objective, {name: tensor}) of the best iterate that makes the edit
+        self.group_weight = {"SE": 1.0, "OUT": 1.0}  # raised while a group's constraint is violated
 
     def _new_optimizer(self) -> torch.optim.Optimizer:
         return getattr(torch.optim, self.optimizer_name)(list(self.params.values()), lr=self.lr)
@@ -207,7 +208,9 @@ class ODEditObjective:
         z_e = feats[[j for j, e in enumerate(envs) if e == "IN"]]
         z_r = feats[[j for j, e in enumerate(envs) if e in SE_ENVS]]
         r_gen = risks.generality_mmd(z_e.detach() if hp.risks.mmd_detach_edit else z_e, z_r, hp.risks.mmd_bandwidths)
-        r_edit = r_rel + hp.risks.se_nll_weight * r_se + hp.risks.loc_weight * r_loc + hp.risks.gen_weight * r_gen
+        w = self.group_weight
+        r_edit = (r_rel + w["SE"] * hp.risks.se_nll_weight * r_se + w["OUT"] * hp.risks.loc_weight * r_loc
+                  + hp.risks.gen_weight * r_gen)
         weight = hp.penalty.weight if self.step >= hp.penalty.warmup_steps else 0.0
         penalty = tv.tv_from_gradients(env_omega_grad) if weight > 0 else env_risk.new_zeros(())
         lam = self.multiplier(self._lambda_features(hidden, envs))
@@ -239,6 +242,38 @@ class ODEditObjective:
             self.multiplier.dual_step(hp.penalty.dual_lr)
         self.step += 1
         return logs
+
+    @torch.no_grad()
+    def constraints_hold(self) -> bool:
+        """Over every row of the edit's pool (``constraints``): the IN row gives the target, the SE
+        rows carry it, the OUT rows keep the unedited model's answers (and their mean KL is small).
+        When all hold, the current iterate is the edit's result; otherwise each violated group's
+        weight grows, and the best iterate is looked for again under the new weights."""
+        c = self.hp.constraints
+        every_row = list(range(len(self.rows.rows)))
+        rows = torch.tensor(every_row, device=self.rows.embedded.inputs_embeds.device)
+        batch, logits, _ = self.forward(every_row)
+        at = risks.answer_positions(batch.labels)[:, :-1]
+        gives_target = ((logits[:, :-1].argmax(-1) == batch.labels[:, 1:]) | ~at).all(1)
+        kl_at = self.rows.compare_tail[rows][:, -logits.shape[1]:]
+        pre = self.rows.pre_log_probs[self.rows.pre_index[rows][:, -logits.shape[1]:][kl_at]]
+        kept = torch.ones_like(kl_at)
+        kept[kl_at] = logits[kl_at].argmax(-1) == pre.argmax(-1)
+        kl = risks.kl_per_position(logits[kl_at], pre, self.hp.risks.kl_direction)
+        envs = self.rows.envs
+        se = gives_target[[i for i, e in enumerate(envs) if e in SE_ENVS]].float()
+        out = kept.all(1)[[i for i, e in enumerate(envs) if e in OUT_ENVS]].float()
+        holds = {"IN": bool(gives_target[envs.index("IN")]),
+                 "SE": not len(se) or se.mean().item() >= c.se_share,
+                 "OUT": not len(out) or (out.mean().item() >= c.out_share and kl.mean().item() <= c.out_kl)}
+        if all(holds.values()):
+            self.best = (float("-inf"), {k: p.detach().clone() for k, p in self.params.items()})
+            return True
+        for group in ("SE", "OUT"):
+            if not holds[group]:
+                self.group_weight[group] = min(self.group_weight[group] * c.growth, c.max_weight)
+                self.best = None  # objectives under other weights do not compare
+        return False
 
     @torch.no_grad()
     def start_from_better(self, before_host: Dict[str, torch.Tensor]) -> bool:
