@@ -208,7 +208,7 @@ class EnvironmentBuilder:
         self.images = ImageAugmenter(settings, self.gen)
         self.image_processor = image_processor
         self.pool: Sequence[PoolEntry] = ()
-        self.by_content = settings.probe_pool > 0
+        self.by_content = content_aware(settings)
         if settings.locality_pool:
             root = settings.locality_image_root if settings.locality_image_root is not None else coco_root
             self.pool = load_locality_pool(settings.locality_pool, root or "")
@@ -234,8 +234,7 @@ class EnvironmentBuilder:
         text_entries = [e for e in self.pool if e.image_path is None]
         image_entries = [e for e in self.pool if e.image_path is not None]
         text_rows = [Row("OUT_text", e.prompt, e.answer) for e in self._sample(text_entries, k * s.out_text)]
-        searched = s.probe_pool if self.by_content else s.near_miss_search * k * s.out_image
-        candidates = self._sample(image_entries, searched) if (s.out_image or self.by_content) else []
+        candidates = self._sample(image_entries, self._searched(self.by_content)) if (s.out_image or self.by_content) else []
         image_rows = [Row("OUT_image", e.prompt, e.answer, self._load_image(e.image_path)) for e in candidates]
         return {"text": text_rows, "image": image_rows}
 
@@ -266,7 +265,7 @@ class EnvironmentBuilder:
         s, k = self.settings, self.settings.pool_factor
         quota = k * s.out_image
         if self.by_content and answers is not None and candidates and view.get("image") is not None:
-            return self._by_content(view, candidates, features, answers)
+            return self._by_content(view, se_rows, candidates, features, answers)
         if not candidates or quota == 0 or view.get("image") is None:
             return candidates[:quota]
         views = [r.image for r in se_rows if r.env == "SE_image"]
@@ -288,12 +287,20 @@ class EnvironmentBuilder:
                  for i in far_idx[: quota - len(rows)]]
         return rows
 
-    def _by_content(self, view: dict, candidates: List[Row], features, answers) -> List[Row]:
+    def _searched(self, by_content: bool) -> int:
+        """Pool images looked at per edit: every one the probes describe, or a few per OUT image row."""
+        s = self.settings
+        return s.probe_pool if by_content else s.near_miss_search * s.pool_factor * s.out_image
+
+    def _by_content(self, view: dict, se_rows: List[Row], candidates: List[Row], features, answers) -> List[Row]:
         """``ContentMiner``'s near misses, same-content and protecting rows, and far rows (their own
         question) from the candidates that share nothing with the edit image."""
         feats = features([view["image"], *[r.image for r in candidates]])
         distances = (feats[1:] - feats[0]).norm(dim=-1).tolist()
         found = ContentMiner(self.settings, self.rng).rows(view, candidates, distances, answers)
+        if found is None:  # the probes describe nothing besides the edit's answer: search as without them
+            self.by_content = False
+            return self.near_and_far(view, se_rows, self._sample(candidates, self._searched(False)), features, answers)
         far = found.pop("far")
         self.rng.shuffle(far)
         n_far = self.settings.pool_factor * EnvironmentSampler.far_quota(self.settings)
@@ -341,6 +348,11 @@ class EnvironmentBuilder:
 # --------------------------------------------------------------------------------------------
 # OUT and SE by content: what the unedited model says about each pool image
 # --------------------------------------------------------------------------------------------
+def content_aware(settings) -> bool:
+    """Whether near misses are found by content (``ContentMiner``): probes given and a pool to probe."""
+    return settings.probe_pool > 0 and bool(settings.probes)
+
+
 def same_answer(a: str, b: str) -> bool:
     """Answers compared as a person would: case, punctuation and a leading article do not count."""
     return _normal_answer(a) == _normal_answer(b)
@@ -353,10 +365,9 @@ def _normal_answer(text: str) -> str:
 
 @dataclass
 class Description:
-    """The unedited model's answers on one image: ``answers[0]`` to the edit's question, the rest to
-    the probes that ask something else (the image's other attributes)."""
+    """The unedited model's answer to each question asked on one image."""
 
-    answers: List[str]
+    answers: Dict[str, str]
     image: torch.Tensor
 
 
@@ -366,13 +377,16 @@ class ContentMiner:
     "the same answer to the edit's question" alone takes exactly the images an edit spills into
     (same colour, other shape, for a colour edit) for the edit's own content.
 
-    Each candidate is described by its answers to the edit's question and to every probe that asks
-    something else. Same content: every answer equal to the edit image's. Near miss: some equal,
-    not all; those that share the edit question's answer are the ones an edit changes by mistake,
-    so they come first. Rows:
+    The edit's question and every probe are asked on the edit image and on each candidate. A probe
+    that answers like the edit's question asks the same thing (``alike``); the others describe the
+    image's other attributes. Same content: the edit question's answer and every other attribute
+    equal to the edit image's. Near miss: some equal, not all; those that share the edit question's
+    answer are the ones an edit changes by mistake, and half the near misses are of that kind.
+    Rows:
 
-    * ``OUT_near``: the edit's question on near misses (target: the unedited answer);
-    * ``SE_content``: the edit's question on same-content images (target: the edit's target);
+    * ``OUT_near``: a question alike the edit's on each near miss (target: the unedited answer);
+    * ``SE_content``: the questions alike the edit's on the edit image and same-content images
+      (target: the edit's target);
     * ``OUT_protect``: the other probes on the edit image and same-content images (what else the
       model says about the edited concept must not change).
     """
@@ -383,54 +397,53 @@ class ContentMiner:
         self.settings, self.rng = settings, rng
 
     def rows(self, view: dict, candidates: List[Row], distances: Sequence[float],
-             answers: Callable[[List[Row]], List[str]]) -> Dict[str, List[Row]]:
+             answers: Callable[[List[Row]], List[str]]) -> Optional[Dict[str, List[Row]]]:
         """``candidates``: pool image rows (their own question and answer), ``distances`` their
-        feature distances to the edit image. Returns rows by group, and ``far``: candidates that
-        share nothing with the edit image."""
-        edit, described, probes = self.describe(view, candidates, answers)
-        order = sorted(range(len(candidates)), key=lambda i: distances[i])
+        feature distances to the edit image. Rows by group, and ``far``: the candidates that share
+        nothing with the edit image. None when no probe asks anything the edit's question does not
+        (then content cannot be told from the edit's answer)."""
+        edit, described, alike, other = self.describe(view, candidates, answers)
+        if not other:
+            return None
+        attributes = [view["prompt"], *other]
         same, sharing, partial, far = [], [], [], []
-        for i in order:
-            equal = [same_answer(a, b) for a, b in zip(described[i].answers, edit.answers)]
-            if all(equal):
-                same.append(i)
-            elif equal[0]:
-                sharing.append(i)
-            elif any(equal):
-                partial.append(i)
-            else:
-                far.append(i)
-        k, s = self.settings.pool_factor, self.settings
-        prompt, target = view["prompt"], view["target"]
+        for i in sorted(range(len(candidates)), key=lambda i: distances[i]):
+            equal = [same_answer(described[i].answers[q], edit.answers[q]) for q in attributes]
+            group = same if all(equal) else sharing if equal[0] else partial if any(equal) else far
+            group.append(i)
+        s, k = self.settings, self.settings.pool_factor
         near = _half_and_half(sharing, partial, k * s.near_miss_rows)
-        same = same[: k * s.same_content_rows]
-        protect = [Row("OUT_protect", q, a, d.image) for d in [edit, *[described[i] for i in same]]
-                   for q, a in zip(probes, d.answers[1:])]
-        self.rng.shuffle(protect)
-        return {"OUT_near": [Row("OUT_near", prompt, described[i].answers[0], candidates[i].image) for i in near],
-                "SE_content": [Row("SE_content", prompt, target, candidates[i].image) for i in same],
+        same_content = [edit, *[described[i] for i in same[: k * s.same_content_rows]]]
+        carry = [Row("SE_content", q, view["target"], d.image) for d in same_content for q in alike]
+        protect = [Row("OUT_protect", q, d.answers[q], d.image) for d in same_content for q in other]
+        for group in (carry, protect):
+            self.rng.shuffle(group)
+        ask = [alike[n % len(alike)] for n in range(len(near))]
+        return {"OUT_near": [Row("OUT_near", q, described[i].answers[q], described[i].image) for q, i in zip(ask, near)],
+                "SE_content": [r for r in carry if not (r.prompt == view["prompt"] and r.image is edit.image)
+                               ][: k * s.same_content_rows],
                 "OUT_protect": protect[: k * s.protect_rows],
                 "far": [candidates[i] for i in far]}
 
     def describe(self, view: dict, candidates: List[Row], answers: Callable[[List[Row]], List[str]]):
-        """The edit image's description, each candidate's, and the probes that ask something else
-        than the edit's question (the described attributes besides its answer)."""
-        questions = [view["prompt"], *[p for p in self.settings.probes if p != view["prompt"]]]
+        """The edit image's description, each candidate's, the questions that ask what the edit's
+        question asks (itself first), and the probes that ask something else."""
+        questions = list(dict.fromkeys([view["prompt"], *self.settings.probes]))
         images = [view["image"], *[c.image for c in candidates]]
         said = answers([Row("probe", q, None, image) for image in images for q in questions])
-        table = [said[i * len(questions):(i + 1) * len(questions)] for i in range(len(images))]
-        other = [j for j in range(1, len(questions)) if not self._asks_the_same(table, j)]
-        pick = [0, *other]
-        descriptions = [Description([row[j] for j in pick], image) for row, image in zip(table, images)]
-        return descriptions[0], descriptions[1:], [questions[j] for j in other]
+        table = [dict(zip(questions, said[i * len(questions):(i + 1) * len(questions)])) for i in range(len(images))]
+        alike = [q for q in questions if q == view["prompt"] or self._asks_the_same(table, view["prompt"], q)]
+        other = [q for q in questions if q not in alike]
+        descriptions = [Description(answers, image) for answers, image in zip(table, images)]
+        return descriptions[0], descriptions[1:], alike, other
 
-    def _asks_the_same(self, table: List[List[str]], j: int) -> bool:
+    def _asks_the_same(self, table: List[Dict[str, str]], edit_question: str, probe: str) -> bool:
         """A probe whose answers agree with the edit question's on the edit image and on nearly every
         candidate asks the same thing (a colour probe for a colour edit): it is neither a described
         attribute nor a row to protect (the edit must change it)."""
-        if not same_answer(table[0][0], table[0][j]):
+        if not same_answer(table[0][edit_question], table[0][probe]):
             return False
-        agree = sum(same_answer(row[0], row[j]) for row in table)
+        agree = sum(same_answer(row[edit_question], row[probe]) for row in table)
         return agree >= self.SAME_QUESTION_AGREEMENT * len(table)
 
 
@@ -511,7 +524,7 @@ class EnvironmentSampler:
         if env in self.GROUP_QUOTA:
             return getattr(self.settings, self.GROUP_QUOTA[env])
         if env == "OUT_near":
-            if self.settings.probe_pool > 0:
+            if content_aware(self.settings):
                 return self.settings.near_miss_rows
             return max(1, int(round(self.settings.out_image * self.settings.near_miss_share)))
         return self.far_quota(self.settings)

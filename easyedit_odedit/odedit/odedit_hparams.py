@@ -121,6 +121,14 @@ class ConstraintSettings:
 SECTIONS = {"environments": EnvironmentSettings, "risks": RiskSettings,
             "penalty": PenaltySettings, "optimiser": OptimiserSettings, "constraints": ConstraintSettings}
 
+# Named formulations a YAML selects with ``preset:``; the YAML's own sections override them key by key.
+PRESETS: Dict[str, Dict[str, Dict[str, Any]]] = {
+    # the paper's: a fixed number of host steps, SE by augmentation, OUT from the pool by image distance
+    "paper": {"constraints": {"enabled": False}, "environments": {"probe_pool": 0}, "risks": {"loc_weight": 1.0}},
+    # content-aware environments (needs environments.probes) and an edit that stops when its rows hold
+    "content": {"constraints": {"enabled": True}, "environments": {"probe_pool": 256}, "risks": {"loc_weight": 20.0}},
+}
+
 # What EasyEdit's editor, evaluators and datasets read, with neutral defaults.
 EASYEDIT_FIELDS: Dict[str, Any] = dict(
     model_name=None, name=None, tokenizer_class="PreTrainedTokenizerFast", tokenizer_name=None,
@@ -170,15 +178,24 @@ class ODEditHyperParams:
                               f"({', '.join(HOSTS)})", problem="is missing")
         host = _typed(f"{where}: host", config.pop("host"), str)
         spec = host_spec(host, where)
+        preset = _preset(where, config.pop("preset", None))
         sections = {}
         for key, section_cls in SECTIONS.items():
-            sections[key] = _build_section(f"{where}: {key}", section_cls, config.pop(key, None) or {})
+            raw = config.pop(key, None) or {}
+            if isinstance(raw, dict):
+                raw = {**preset.get(key, {}), **raw}
+            sections[key] = _build_section(f"{where}: {key}", section_cls, raw)
+        if preset is PRESETS["content"] and not sections["environments"].probes:
+            # the probes are questions in the model's own prompt format: no preset can name them
+            raise ODEditError(f"{where}: environments.probes", [], "name the questions that describe an image, "
+                              "e.g. ['Question: what color is it? Short answer:', 'Question: what is it? Short answer:']",
+                              problem="is empty, and preset: content needs them")
         host_raw = config.pop("host_hparams", {})
         flags = {k: _typed(f"{where}: {k}", config.pop(k), bool) for k in ("enabled", "progress") if k in config}
         easyedit = {}
         for key in list(config):
             if key not in EASYEDIT_FIELDS:
-                valid = sorted(["host", "host_hparams", "enabled", "progress", *SECTIONS, *EASYEDIT_FIELDS])
+                valid = sorted(["host", "host_hparams", "enabled", "progress", "preset", *SECTIONS, *EASYEDIT_FIELDS])
                 raise ODEditError(f"{where}: {key}", config[key],
                                   f"remove it or use one of: {', '.join(valid)}", problem="is not a known key")
             easyedit[key] = config.pop(key)
@@ -254,6 +271,14 @@ def _read_yaml(path: str, what: str) -> Dict[str, Any]:
         raise ODEditError(f"{what} {path}", config, "the file must hold a mapping of `key: value` lines",
                           problem="is not a mapping")
     return config
+
+
+def _preset(where: str, name) -> Dict[str, Dict[str, Any]]:
+    if name is None:
+        return {}
+    if name not in PRESETS:
+        raise ODEditError(f"{where}: preset", name, f"use one of: {', '.join(PRESETS)} (or leave it out)")
+    return PRESETS[name]
 
 
 def _host_mapping(field_name: str, raw, base_dir: str) -> Dict[str, Any]:
