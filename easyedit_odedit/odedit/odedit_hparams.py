@@ -126,7 +126,8 @@ PRESETS: Dict[str, Dict[str, Dict[str, Any]]] = {
     # the paper's: a fixed number of host steps, SE by augmentation, OUT from the pool by image distance
     "paper": {"constraints": {"enabled": False}, "environments": {"probe_pool": 0}, "risks": {"loc_weight": 1.0}},
     # content-aware environments (needs environments.probes) and an edit that stops when its rows hold
-    "content": {"constraints": {"enabled": True}, "environments": {"probe_pool": 256}, "risks": {"loc_weight": 20.0}},
+    "content": {"constraints": {"enabled": True}, "environments": {"probe_pool": 256, "se_text": 4},
+                "risks": {"loc_weight": 20.0}},
 }
 
 # What EasyEdit's editor, evaluators and datasets read, with neutral defaults.
