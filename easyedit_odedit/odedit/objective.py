@@ -141,8 +141,11 @@ class ODEditObjective:
         self.reembed = needs_reembedding(adapter, params)
         self.cache = edit_rows.cache
         self.step = 0
-        self.best = None  # (objective, {name: tensor}) of the best iterate that makes the edit
+        self.best = None  # (objective or constraint score, {name: tensor}) of the iterate to keep
         self.group_weight = {"SE": 1.0, "OUT": 1.0}  # raised while a group's constraint is violated
+        # with constraints, the iterate kept is the checked one that meets the most of them, not the
+        # lowest objective: the weights change between checks, so objectives do not compare
+        self.by_checks = use_odedit and hp.constraints.enabled
 
     def _new_optimizer(self) -> torch.optim.Optimizer:
         return getattr(torch.optim, self.optimizer_name)(list(self.params.values()), lr=self.lr)
@@ -247,8 +250,8 @@ class ODEditObjective:
     def constraints_hold(self) -> bool:
         """Over every row of the edit's pool (``constraints``): the IN row gives the target, the SE
         rows carry it, the OUT rows keep the unedited model's answers (and their mean KL is small).
-        When all hold, the current iterate is the edit's result; otherwise each violated group's
-        weight grows, and the best iterate is looked for again under the new weights."""
+        The checked iterate that meets the most of them is kept (the current one once all hold);
+        otherwise each violated group's weight grows."""
         c = self.hp.constraints
         every_row = list(range(len(self.rows.rows)))
         rows = torch.tensor(every_row, device=self.rows.embedded.inputs_embeds.device)
@@ -263,16 +266,18 @@ class ODEditObjective:
         envs = self.rows.envs
         se = gives_target[[i for i, e in enumerate(envs) if e in SE_ENVS]].float()
         out = kept.all(1)[[i for i, e in enumerate(envs) if e in OUT_ENVS]].float()
-        holds = {"IN": bool(gives_target[envs.index("IN")]),
-                 "SE": not len(se) or se.mean().item() >= c.se_share,
-                 "OUT": not len(out) or (out.mean().item() >= c.out_share and kl.mean().item() <= c.out_kl)}
+        se_share, out_share = (se.mean().item() if len(se) else 1.0), (out.mean().item() if len(out) else 1.0)
+        holds = {"IN": bool(gives_target[envs.index("IN")]), "SE": se_share >= c.se_share,
+                 "OUT": out_share >= c.out_share and (not len(kl) or kl.mean().item() <= c.out_kl)}
+        score = (holds["IN"], sum(holds.values()), se_share + out_share)
+        if self.best is None or score > self.best[0]:
+            self.best = (score, {k: p.detach().clone() for k, p in self.params.items()})
         if all(holds.values()):
-            self.best = (float("-inf"), {k: p.detach().clone() for k, p in self.params.items()})
             return True
-        for group in ("SE", "OUT"):
+        # SE pulls the same way as the edit; OUT only grows once the edit is made, or it would stop the edit
+        for group in ("SE", "OUT") if holds["IN"] else ("SE",):
             if not holds[group]:
                 self.group_weight[group] = min(self.group_weight[group] * c.growth, c.max_weight)
-                self.best = None  # objectives under other weights do not compare
         return False
 
     @torch.no_grad()
@@ -306,12 +311,15 @@ class ODEditObjective:
         """Keep the iterate with the lowest objective among those that make the edit. A primal-dual
         trajectory is not monotone; this is early stopping on the training risk, never on
         evaluation data."""
+        if self.by_checks:
+            return
         if makes_edit and (self.best is None or value < self.best[0]):
             self.best = (value, {k: p.detach().clone() for k, p in self.params.items()})
 
     @torch.no_grad()
     def finish(self) -> None:
-        """Load the best iterate found (if any iterate made the edit)."""
+        """Load the best iterate found: the one with the lowest objective among those that made the
+        edit or, with constraints, the checked one that met the most of them."""
         if self.best is not None:
             self._load(self.best[1])
 

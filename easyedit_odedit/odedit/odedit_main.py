@@ -212,11 +212,11 @@ def edit_once(adapter: MultimodalLMAdapter, view: dict, hparams, host, originals
         started_before_host = before_host is not None and objective.start_from_better(before_host)
         logs, c = {}, hparams.constraints
         checks = use_odedit and c.enabled
-        steps = 0
-        for steps in tqdm(range(1, 1 + (c.max_steps if checks else host.num_steps)), desc=f"ODEdit[{hparams.host}]",
-                          leave=False, disable=not getattr(hparams, "progress", False)):
+        steps, limit = 0, (c.max_steps if checks else host.num_steps)
+        for steps in tqdm(range(1, 1 + limit), desc=f"ODEdit[{hparams.host}]", leave=False,
+                          disable=not getattr(hparams, "progress", False)):
             logs = objective.update(sampler.sample())
-            if checks and steps % c.check_every == 0 and objective.constraints_hold():
+            if checks and (steps % c.check_every == 0 or steps == limit) and objective.constraints_hold():
                 break
         objective.finish()
         logs["steps"] = float(steps)
