@@ -211,6 +211,7 @@ class EnvironmentBuilder:
         self.images = ImageAugmenter(settings, self.gen)
         self.image_processor = image_processor
         self.pool: Sequence[PoolEntry] = ()
+        self.by_content = content_aware(settings)
         if settings.locality_pool:
             path, root = resolve_locality_pool(settings.locality_pool, settings.locality_image_root)
             self.pool = load_locality_pool(path, (root if root is not None else coco_root) or "")
@@ -236,7 +237,7 @@ class EnvironmentBuilder:
         text_entries = [e for e in self.pool if e.image_path is None]
         image_entries = [e for e in self.pool if e.image_path is not None]
         text_rows = [Row("OUT_text", e.prompt, e.answer) for e in self._sample(text_entries, k * s.out_text)]
-        candidates = self._sample(image_entries, s.near_miss_search * k * s.out_image) if s.out_image else []
+        candidates = self._sample(image_entries, self._searched(self.by_content)) if (s.out_image or self.by_content) else []
         image_rows = [Row("OUT_image", e.prompt, e.answer, self._load_image(e.image_path)) for e in candidates]
         return {"text": text_rows, "image": image_rows}
 
@@ -266,6 +267,8 @@ class EnvironmentBuilder:
         the edit's own question and their own; the rest of the quota is far rows."""
         s, k = self.settings, self.settings.pool_factor
         quota = k * s.out_image
+        if self.by_content and answers is not None and candidates and view.get("image") is not None:
+            return self._by_content(view, se_rows, candidates, features, answers)
         if not candidates or quota == 0 or view.get("image") is None:
             return candidates[:quota]
         views = [r.image for r in se_rows if r.env == "SE_image"]
@@ -286,6 +289,26 @@ class EnvironmentBuilder:
         rows += [Row("OUT_far", candidates[i].prompt, candidates[i].target, candidates[i].image)
                  for i in far_idx[: quota - len(rows)]]
         return rows
+
+    def _searched(self, by_content: bool) -> int:
+        """Pool images looked at per edit: every one the probes describe, or a few per OUT image row."""
+        s = self.settings
+        return s.probe_pool if by_content else s.near_miss_search * s.pool_factor * s.out_image
+
+    def _by_content(self, view: dict, se_rows: List[Row], candidates: List[Row], features, answers) -> List[Row]:
+        """``ContentMiner``'s near misses, same-content and protecting rows, and far rows (their own
+        question) from the candidates that share nothing with the edit image."""
+        feats = features([view["image"], *[r.image for r in candidates]])
+        distances = (feats[1:] - feats[0]).norm(dim=-1).tolist()
+        found = ContentMiner(self.settings, self.rng).rows(view, candidates, distances, answers)
+        if found is None:  # the probes describe nothing besides the edit's answer: search as without them
+            self.by_content = False
+            return self.near_and_far(view, se_rows, self._sample(candidates, self._searched(False)), features, answers)
+        far = found.pop("far")
+        self.rng.shuffle(far)
+        n_far = self.settings.pool_factor * EnvironmentSampler.far_quota(self.settings)
+        return [row for group in found.values() for row in group] + [
+            Row("OUT_far", r.prompt, r.target, r.image) for r in far[:n_far]]
 
     def _nearest_distinct(self, view: dict, candidates: List[Row], order: List[int], wanted: int,
                           answers: Optional[Callable[[List[Row]], List[str]]]):
@@ -323,6 +346,114 @@ class EnvironmentBuilder:
         said = answers(probes)
         edit_answer, per_candidate = said[0], [said[1 + 3 * j: 4 + 3 * j] for j in range(len(candidates))]
         return [(on_c == edit_answer and own_on_edit == own_on_c, on_c) for on_c, own_on_edit, own_on_c in per_candidate]
+
+
+# --------------------------------------------------------------------------------------------
+# OUT and SE by content: what the unedited model says about each pool image
+# --------------------------------------------------------------------------------------------
+def content_aware(settings) -> bool:
+    """Whether near misses are found by content (``ContentMiner``): probes given and a pool to probe."""
+    return settings.probe_pool > 0 and bool(settings.probes)
+
+
+def same_answer(a: str, b: str) -> bool:
+    """Answers compared as a person would: case, punctuation and a leading article do not count."""
+    return _normal_answer(a) == _normal_answer(b)
+
+
+def _normal_answer(text: str) -> str:
+    words = "".join(c if c.isalnum() or c.isspace() else " " for c in text.lower()).split()
+    return " ".join(words[1:] if words[:1] in (["a"], ["an"], ["the"]) else words)
+
+
+@dataclass
+class Description:
+    """The unedited model's answer to each question asked on one image."""
+
+    answers: Dict[str, str]
+    image: torch.Tensor
+
+
+class ContentMiner:
+    """Near misses and same-content images of an edit, told apart by the unedited model's answers
+    rather than by pixels: augmented views of one image do not show where a concept ends, and
+    "the same answer to the edit's question" alone takes exactly the images an edit spills into
+    (same colour, other shape, for a colour edit) for the edit's own content.
+
+    The edit's question and every probe are asked on the edit image and on each candidate. A probe
+    that answers like the edit's question asks the same thing (``alike``); the others describe the
+    image's other attributes. Same content: the edit question's answer and every other attribute
+    equal to the edit image's. Near miss: some equal, not all; those that share the edit question's
+    answer are the ones an edit changes by mistake, and half the near misses are of that kind.
+    Rows:
+
+    * ``OUT_near``: a question alike the edit's on each near miss (target: the unedited answer);
+    * ``SE_content``: the questions alike the edit's on the edit image and same-content images
+      (target: the edit's target);
+    * ``OUT_protect``: the other probes on the edit image and same-content images (what else the
+      model says about the edited concept must not change).
+    """
+
+    SAME_QUESTION_AGREEMENT = 0.9  # a probe that answers like the edit's question asks the same thing
+
+    def __init__(self, settings, rng: random.Random):
+        self.settings, self.rng = settings, rng
+
+    def rows(self, view: dict, candidates: List[Row], distances: Sequence[float],
+             answers: Callable[[List[Row]], List[str]]) -> Optional[Dict[str, List[Row]]]:
+        """``candidates``: pool image rows (their own question and answer), ``distances`` their
+        feature distances to the edit image. Rows by group, and ``far``: the candidates that share
+        nothing with the edit image. None when no probe asks anything the edit's question does not
+        (then content cannot be told from the edit's answer)."""
+        edit, described, alike, other = self.describe(view, candidates, answers)
+        if not other:
+            return None
+        attributes = [view["prompt"], *other]
+        same, sharing, partial, far = [], [], [], []
+        for i in sorted(range(len(candidates)), key=lambda i: distances[i]):
+            equal = [same_answer(described[i].answers[q], edit.answers[q]) for q in attributes]
+            group = same if all(equal) else sharing if equal[0] else partial if any(equal) else far
+            group.append(i)
+        s, k = self.settings, self.settings.pool_factor
+        near = _half_and_half(sharing, partial, k * s.near_miss_rows)
+        same_content = [edit, *[described[i] for i in same[: k * s.same_content_rows]]]
+        carry = [Row("SE_content", q, view["target"], d.image) for d in same_content for q in alike]
+        protect = [Row("OUT_protect", q, d.answers[q], d.image) for d in same_content for q in other]
+        for group in (carry, protect):
+            self.rng.shuffle(group)
+        ask = [alike[n % len(alike)] for n in range(len(near))]
+        return {"OUT_near": [Row("OUT_near", q, described[i].answers[q], described[i].image) for q, i in zip(ask, near)],
+                "SE_content": [r for r in carry if not (r.prompt == view["prompt"] and r.image is edit.image)
+                               ][: k * s.same_content_rows],
+                "OUT_protect": protect[: k * s.protect_rows],
+                "far": [candidates[i] for i in far]}
+
+    def describe(self, view: dict, candidates: List[Row], answers: Callable[[List[Row]], List[str]]):
+        """The edit image's description, each candidate's, the questions that ask what the edit's
+        question asks (itself first), and the probes that ask something else."""
+        questions = list(dict.fromkeys([view["prompt"], *self.settings.probes]))
+        images = [view["image"], *[c.image for c in candidates]]
+        said = answers([Row("probe", q, None, image) for image in images for q in questions])
+        table = [dict(zip(questions, said[i * len(questions):(i + 1) * len(questions)])) for i in range(len(images))]
+        alike = [q for q in questions if q == view["prompt"] or self._asks_the_same(table, view["prompt"], q)]
+        other = [q for q in questions if q not in alike]
+        descriptions = [Description(answers, image) for answers, image in zip(table, images)]
+        return descriptions[0], descriptions[1:], alike, other
+
+    def _asks_the_same(self, table: List[Dict[str, str]], edit_question: str, probe: str) -> bool:
+        """A probe whose answers agree with the edit question's on the edit image and on nearly every
+        candidate asks the same thing (a colour probe for a colour edit): it is neither a described
+        attribute nor a row to protect (the edit must change it)."""
+        if not same_answer(table[0][edit_question], table[0][probe]):
+            return False
+        agree = sum(same_answer(row[edit_question], row[probe]) for row in table)
+        return agree >= self.SAME_QUESTION_AGREEMENT * len(table)
+
+
+def _half_and_half(first: list, second: list, n: int) -> list:
+    """n items, half from each list (the first gets the odd one), the other list filling a shortfall."""
+    from_first = min(len(first), max((n + 1) // 2, n - len(second)))
+    return first[:from_first] + second[: n - from_first]
 
 
 class ImageCache:
@@ -380,7 +511,8 @@ class EnvironmentSampler:
     """Each step: IN plus a fresh random subset of every SE/OUT group, from the fixed pool."""
 
     GROUP_QUOTA = {"SE_text": "se_text", "SE_image": "se_image", "SE_joint": "se_joint",
-                   "OUT_text": "out_text", "OUT_past": "out_past"}
+                   "OUT_text": "out_text", "OUT_past": "out_past", "SE_content": "same_content_rows",
+                   "OUT_protect": "protect_rows"}
 
     def __init__(self, rows: List[Row], settings, seed: int):
         self.rows, self.settings = rows, settings
@@ -394,9 +526,15 @@ class EnvironmentSampler:
             return 1
         if env in self.GROUP_QUOTA:
             return getattr(self.settings, self.GROUP_QUOTA[env])
-        near_share = self.settings.near_miss_share
-        n_out = self.settings.out_image
-        return max(1, int(round(n_out * (near_share if env == "OUT_near" else 1 - near_share))))
+        if env == "OUT_near":
+            if content_aware(self.settings):
+                return self.settings.near_miss_rows
+            return max(1, int(round(self.settings.out_image * self.settings.near_miss_share)))
+        return self.far_quota(self.settings)
+
+    @staticmethod
+    def far_quota(settings) -> int:
+        return max(1, int(round(settings.out_image * (1 - settings.near_miss_share))))
 
     def sample(self) -> List[int]:
         chosen = []

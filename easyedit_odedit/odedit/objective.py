@@ -22,8 +22,8 @@ from ..prefix_cache import (LastModuleCache, PrefixCache, decoder_layers, edited
 
 Cache = Union[PrefixCache, LastModuleCache]
 
-SE_ENVS = ("SE_text", "SE_image", "SE_joint")
-OUT_ENVS = ("OUT_text", "OUT_near", "OUT_far", "OUT_past")
+SE_ENVS = ("SE_text", "SE_image", "SE_joint", "SE_content")
+OUT_ENVS = ("OUT_text", "OUT_near", "OUT_far", "OUT_past", "OUT_protect")
 
 
 class EditRows:
@@ -141,7 +141,11 @@ class ODEditObjective:
         self.reembed = needs_reembedding(adapter, params)
         self.cache = edit_rows.cache
         self.step = 0
-        self.best = None  # (objective, {name: tensor}) of the best iterate that makes the edit
+        self.best = None  # (objective or constraint score, {name: tensor}) of the iterate to keep
+        self.group_weight = {"SE": 1.0, "OUT": 1.0}  # raised while a group's constraint is violated
+        # with constraints, the iterate kept is the checked one that meets the most of them, not the
+        # lowest objective: the weights change between checks, so objectives do not compare
+        self.by_checks = use_odedit and hp.constraints.enabled
 
     def _new_optimizer(self) -> torch.optim.Optimizer:
         return getattr(torch.optim, self.optimizer_name)(list(self.params.values()), lr=self.lr)
@@ -207,7 +211,9 @@ class ODEditObjective:
         z_e = feats[[j for j, e in enumerate(envs) if e == "IN"]]
         z_r = feats[[j for j, e in enumerate(envs) if e in SE_ENVS]]
         r_gen = risks.generality_mmd(z_e.detach() if hp.risks.mmd_detach_edit else z_e, z_r, hp.risks.mmd_bandwidths)
-        r_edit = r_rel + hp.risks.se_nll_weight * r_se + hp.risks.loc_weight * r_loc + hp.risks.gen_weight * r_gen
+        w = self.group_weight
+        r_edit = (r_rel + w["SE"] * hp.risks.se_nll_weight * r_se + w["OUT"] * hp.risks.loc_weight * r_loc
+                  + hp.risks.gen_weight * r_gen)
         weight = hp.penalty.weight if self.step >= hp.penalty.warmup_steps else 0.0
         penalty = tv.tv_from_gradients(env_omega_grad) if weight > 0 else env_risk.new_zeros(())
         lam = self.multiplier(self._lambda_features(hidden, envs))
@@ -241,6 +247,40 @@ class ODEditObjective:
         return logs
 
     @torch.no_grad()
+    def constraints_hold(self) -> bool:
+        """Over every row of the edit's pool (``constraints``): the IN row gives the target, the SE
+        rows carry it, the OUT rows keep the unedited model's answers (and their mean KL is small).
+        The checked iterate that meets the most of them is kept (the current one once all hold);
+        otherwise each violated group's weight grows."""
+        c = self.hp.constraints
+        every_row = list(range(len(self.rows.rows)))
+        rows = torch.tensor(every_row, device=self.rows.embedded.inputs_embeds.device)
+        batch, logits, _ = self.forward(every_row)
+        at = risks.answer_positions(batch.labels)[:, :-1]
+        gives_target = ((logits[:, :-1].argmax(-1) == batch.labels[:, 1:]) | ~at).all(1)
+        kl_at = self.rows.compare_tail[rows][:, -logits.shape[1]:]
+        pre = self.rows.pre_log_probs[self.rows.pre_index[rows][:, -logits.shape[1]:][kl_at]]
+        kept = torch.ones_like(kl_at)
+        kept[kl_at] = logits[kl_at].argmax(-1) == pre.argmax(-1)
+        kl = risks.kl_per_position(logits[kl_at], pre, self.hp.risks.kl_direction)
+        envs = self.rows.envs
+        se = gives_target[[i for i, e in enumerate(envs) if e in SE_ENVS]].float()
+        out = kept.all(1)[[i for i, e in enumerate(envs) if e in OUT_ENVS]].float()
+        se_share, out_share = (se.mean().item() if len(se) else 1.0), (out.mean().item() if len(out) else 1.0)
+        holds = {"IN": bool(gives_target[envs.index("IN")]), "SE": se_share >= c.se_share,
+                 "OUT": out_share >= c.out_share and (not len(kl) or kl.mean().item() <= c.out_kl)}
+        score = (holds["IN"], sum(holds.values()), se_share + out_share)
+        if self.best is None or score > self.best[0]:
+            self.best = (score, {k: p.detach().clone() for k, p in self.params.items()})
+        if all(holds.values()):
+            return True
+        # SE pulls the same way as the edit; OUT only grows once the edit is made, or it would stop the edit
+        for group in ("SE", "OUT") if holds["IN"] else ("SE",):
+            if not holds[group]:
+                self.group_weight[group] = min(self.group_weight[group] * c.growth, c.max_weight)
+        return False
+
+    @torch.no_grad()
     def start_from_better(self, before_host: Dict[str, torch.Tensor]) -> bool:
         """Refine family: start from the host's solution or from the weights before the host ran,
         whichever has the lower objective over every row of the edit's pool. A host's proposal that
@@ -271,12 +311,15 @@ class ODEditObjective:
         """Keep the iterate with the lowest objective among those that make the edit. A primal-dual
         trajectory is not monotone; this is early stopping on the training risk, never on
         evaluation data."""
+        if self.by_checks:
+            return
         if makes_edit and (self.best is None or value < self.best[0]):
             self.best = (value, {k: p.detach().clone() for k, p in self.params.items()})
 
     @torch.no_grad()
     def finish(self) -> None:
-        """Load the best iterate found (if any iterate made the edit)."""
+        """Load the best iterate found: the one with the lowest objective among those that made the
+        edit or, with constraints, the checked one that met the most of them."""
         if self.best is not None:
             self._load(self.best[1])
 

@@ -55,6 +55,14 @@ class EnvironmentSettings:
     noise_std: float = 0.03
     blur_sigma: float = 0.6
     colour_jitter: float = 0.0  # off by default: colour is content for many questions
+    # Content-aware environments (``environments.ContentMiner``): pool images described by the
+    # unedited model's answers to the edit's question and to ``probes``. 0 pool images: off.
+    probes: List[str] = field(default_factory=list)  # prompts that describe an image (besides the edit's own)
+    probe_pool: int = 0         # pool images described per edit (drawn from the locality pool's images)
+    near_miss_rows: int = 8     # near misses drawn each step (those sharing the edit's answer first)
+    same_content_rows: int = 4  # same-content images drawn each step: must carry the edit
+    protect_rows: int = 2       # the other probes on the edit and same-content images drawn each step
+    probe_batch: int = 64       # probe rows answered per forward pass
 
 
 @dataclass
@@ -92,8 +100,35 @@ class OptimiserSettings:
                                         # before it (lower objective on the edit's rows), or always "host"
 
 
+@dataclass
+class ConstraintSettings:
+    """When an edit is done. Off: the host's fixed number of steps (the paper). On: every
+    ``check_every`` steps the edit's own rows are checked - the IN row gives the target, the SE rows
+    carry it, the OUT rows keep their answers - and the edit stops once all hold, at the latest after
+    ``max_steps``; at a check, the weight of each violated group (SE, OUT) is multiplied by
+    ``growth`` (a multiplier that rises while its constraint is violated)."""
+
+    enabled: bool = False
+    max_steps: int = 100
+    check_every: int = 5
+    se_share: float = 1.0       # share of SE rows that must give the edit's target
+    out_share: float = 1.0      # share of OUT rows whose answer must stay the unedited model's
+    out_kl: float = 0.1         # and the OUT rows' mean KL to the unedited model at most this
+    growth: float = 1.5
+    max_weight: float = 8.0     # a group's weight stays at most this multiple of its configured weight
+
+
 SECTIONS = {"environments": EnvironmentSettings, "risks": RiskSettings,
-            "penalty": PenaltySettings, "optimiser": OptimiserSettings}
+            "penalty": PenaltySettings, "optimiser": OptimiserSettings, "constraints": ConstraintSettings}
+
+# Named formulations a YAML selects with ``preset:``; the YAML's own sections override them key by key.
+PRESETS: Dict[str, Dict[str, Dict[str, Any]]] = {
+    # the paper's: a fixed number of host steps, SE by augmentation, OUT from the pool by image distance
+    "paper": {"constraints": {"enabled": False}, "environments": {"probe_pool": 0}, "risks": {"loc_weight": 1.0}},
+    # content-aware environments (needs environments.probes) and an edit that stops when its rows hold
+    "content": {"constraints": {"enabled": True}, "environments": {"probe_pool": 256, "se_text": 4},
+                "risks": {"loc_weight": 20.0}},
+}
 
 # What EasyEdit's editor, evaluators and datasets read, with neutral defaults.
 EASYEDIT_FIELDS: Dict[str, Any] = dict(
@@ -117,6 +152,7 @@ class ODEditHyperParams:
     risks: RiskSettings = field(default_factory=RiskSettings)
     penalty: PenaltySettings = field(default_factory=PenaltySettings)
     optimiser: OptimiserSettings = field(default_factory=OptimiserSettings)
+    constraints: ConstraintSettings = field(default_factory=ConstraintSettings)
     easyedit: Dict[str, Any] = field(default_factory=dict)
     source_path: Optional[str] = None
     host_params: Any = None  # the host's own hparams object, built by the registry
@@ -143,15 +179,24 @@ class ODEditHyperParams:
                               f"({', '.join(HOSTS)})", problem="is missing")
         host = _typed(f"{where}: host", config.pop("host"), str)
         spec = host_spec(host, where)
+        preset = _preset(where, config.pop("preset", None))
         sections = {}
         for key, section_cls in SECTIONS.items():
-            sections[key] = _build_section(f"{where}: {key}", section_cls, config.pop(key, None) or {})
+            raw = config.pop(key, None) or {}
+            if isinstance(raw, dict):
+                raw = {**preset.get(key, {}), **raw}
+            sections[key] = _build_section(f"{where}: {key}", section_cls, raw)
+        if preset is PRESETS["content"] and not sections["environments"].probes:
+            # the probes are questions in the model's own prompt format: no preset can name them
+            raise ODEditError(f"{where}: environments.probes", [], "name the questions that describe an image, "
+                              "e.g. ['Question: what color is it? Short answer:', 'Question: what is it? Short answer:']",
+                              problem="is empty, and preset: content needs them")
         host_raw = config.pop("host_hparams", {})
         flags = {k: _typed(f"{where}: {k}", config.pop(k), bool) for k in ("enabled", "progress") if k in config}
         easyedit = {}
         for key in list(config):
             if key not in EASYEDIT_FIELDS:
-                valid = sorted(["host", "host_hparams", "enabled", "progress", *SECTIONS, *EASYEDIT_FIELDS])
+                valid = sorted(["host", "host_hparams", "enabled", "progress", "preset", *SECTIONS, *EASYEDIT_FIELDS])
                 raise ODEditError(f"{where}: {key}", config[key],
                                   f"remove it or use one of: {', '.join(valid)}", problem="is not a known key")
             easyedit[key] = config.pop(key)
@@ -227,6 +272,14 @@ def _read_yaml(path: str, what: str) -> Dict[str, Any]:
         raise ODEditError(f"{what} {path}", config, "the file must hold a mapping of `key: value` lines",
                           problem="is not a mapping")
     return config
+
+
+def _preset(where: str, name) -> Dict[str, Dict[str, Any]]:
+    if name is None:
+        return {}
+    if name not in PRESETS:
+        raise ODEditError(f"{where}: preset", name, f"use one of: {', '.join(PRESETS)} (or leave it out)")
+    return PRESETS[name]
 
 
 def _host_mapping(field_name: str, raw, base_dir: str) -> Dict[str, Any]:
@@ -323,11 +376,15 @@ def _validate_settings(hp: ODEditHyperParams, where: str) -> None:
             raise ODEditError(f"{where}: {section}.{key}", value, f"use one of: {', '.join(choices)}")
     counts = {k: getattr(hp.environments, k) for k in ("se_text", "se_image", "se_joint", "out_text",
                                                        "out_image", "out_past", "past_edits", "pool_factor",
-                                                       "near_miss_search")}
+                                                       "near_miss_search", "probe_pool", "near_miss_rows",
+                                                       "same_content_rows", "protect_rows", "probe_batch")}
     for key, value in counts.items():
-        if value < 0 or (key in ("pool_factor", "near_miss_search") and value < 1):
+        if value < 0 or (key in ("pool_factor", "near_miss_search", "probe_batch") and value < 1):
             raise ODEditError(f"{where}: environments.{key}", value,
-                              "use a non-negative count (pool_factor and near_miss_search >= 1)")
+                              "use a non-negative count (pool_factor, near_miss_search and probe_batch >= 1)")
+    if any(not isinstance(p, str) or not p.strip() for p in hp.environments.probes):
+        raise ODEditError(f"{where}: environments.probes", hp.environments.probes,
+                          "give prompts as the model sees them, e.g. 'Question: what color is the shape? Short answer:'")
     if not 0.0 <= hp.environments.near_miss_share <= 1.0:
         raise ODEditError(f"{where}: environments.near_miss_share", hp.environments.near_miss_share,
                           "use a fraction between 0 and 1")
@@ -364,5 +421,15 @@ def _validate_settings(hp: ODEditHyperParams, where: str) -> None:
     seed = hp.easyedit.get("seed", EASYEDIT_FIELDS["seed"])
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ODEditError(f"{where}: seed", seed, "give a whole number")
+    c = hp.constraints
+    if c.max_steps < 1 or c.check_every < 1:
+        raise ODEditError(f"{where}: constraints.max_steps/check_every", (c.max_steps, c.check_every),
+                          "use whole numbers >= 1")
+    for name in ("se_share", "out_share"):
+        if not 0.0 <= getattr(c, name) <= 1.0:
+            raise ODEditError(f"{where}: constraints.{name}", getattr(c, name), "use a fraction between 0 and 1")
+    if not (math.isfinite(c.out_kl) and c.out_kl >= 0 and c.growth >= 1 and c.max_weight >= 1):
+        raise ODEditError(f"{where}: constraints.out_kl/growth/max_weight", (c.out_kl, c.growth, c.max_weight),
+                          "use out_kl >= 0, growth >= 1 and max_weight >= 1")
     if hp.optimiser.steps < 0:
         raise ODEditError(f"{where}: optimiser.steps", hp.optimiser.steps, "use 0 or more steps")

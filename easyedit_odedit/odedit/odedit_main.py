@@ -210,11 +210,16 @@ def edit_once(adapter: MultimodalLMAdapter, view: dict, hparams, host, originals
         objective = ODEditObjective(adapter, edit_rows, params, hparams, host.lr, host.optimizer, use_odedit, seed)
         sampler = EnvironmentSampler(rows, hparams.environments, seed)
         started_before_host = before_host is not None and objective.start_from_better(before_host)
-        logs = {}
-        for _ in tqdm(range(host.num_steps), desc=f"ODEdit[{hparams.host}]", leave=False,
-                      disable=not getattr(hparams, "progress", False)):
+        logs, c = {}, hparams.constraints
+        checks = use_odedit and c.enabled
+        steps, limit = 0, (c.max_steps if checks else host.num_steps)
+        for steps in tqdm(range(1, 1 + limit), desc=f"ODEdit[{hparams.host}]", leave=False,
+                          disable=not getattr(hparams, "progress", False)):
             logs = objective.update(sampler.sample())
+            if checks and (steps % c.check_every == 0 or steps == limit) and objective.constraints_hold():
+                break
         objective.finish()
+        logs["steps"] = float(steps)
         if before_host is not None:
             logs["started_before_host"] = float(started_before_host)
     finally:
@@ -252,8 +257,9 @@ def build_rows(adapter: MultimodalLMAdapter, view: dict, hparams, seed: int, pas
 
     n_tokens = len(adapter.tokenizer(view["target"])["input_ids"])
 
-    def answers(probes):
-        return unedited_answers(adapter, probes, n_tokens)
+    def answers(probes):  # a few hundred probe rows when describing pool images: in slices
+        size = env.probe_batch
+        return [a for i in range(0, len(probes), size) for a in unedited_answers(adapter, probes[i:i + size], n_tokens)]
 
     rows += out["text"] + builder.near_and_far(view, rows, out["image"], adapter.image_features, answers)
     _fill_unedited_answers(adapter, rows, n_tokens)

@@ -1,0 +1,201 @@
+"""Content-aware environments (``ContentMiner``) and edits that stop when their constraints hold."""
+import random
+import re
+
+import pytest
+import torch
+from easyeditor import MultimodalEditor
+
+from easyedit_odedit import ODEditError, ODEditHyperParams
+from easyedit_odedit.environments import ContentMiner, EnvironmentSampler, Row, same_answer
+from easyedit_odedit.odedit import objective as objective_module
+from easyedit_odedit.odedit import odedit_main
+from easyedit_odedit.odedit.odedit_hparams import EnvironmentSettings
+from tests.conftest import edit_kwargs, write_yaml
+from tests.test_edit import same, state
+
+EDIT_Q = "what color is the shape ?"
+COLOUR_PROBE = "which colour does the shape have ?"   # asks what the edit's question asks
+SHAPE_PROBE = "what shape is in the image ?"          # asks something else
+
+
+def _image(value):
+    return torch.full((3, 4, 4), float(value))
+
+
+# candidate index -> (colour, shape); the edit image (value 0) shows a red circle
+CONTENT = {1: ("red", "circle"), 2: ("red", "square"), 3: ("blue", "circle"), 4: ("green", "square"),
+           5: ("red", "triangle"), 6: ("gray", "circle"), 7: ("Red.", "Circle")}
+
+
+def _answers(probes):
+    def seen(image):
+        value = int(image.mean().item())
+        return ("red", "circle") if value == 0 else CONTENT[value]
+    return [seen(p.image)[1] if p.prompt == SHAPE_PROBE else seen(p.image)[0] for p in probes]
+
+
+def _mine(probes=(COLOUR_PROBE, SHAPE_PROBE), **settings):
+    settings = EnvironmentSettings(probes=list(probes), probe_pool=8, pool_factor=1, **settings)
+    candidates = [Row("OUT_image", "own question", "x", _image(i)) for i in sorted(CONTENT)]
+    distances = [float(i) for i in sorted(CONTENT)]  # nearer for smaller values
+    view = {"prompt": EDIT_Q, "target": "green", "image": _image(0)}
+    return ContentMiner(settings, random.Random(0)).rows(view, candidates, distances, _answers)
+
+
+def _values(rows):
+    return [int(r.image.mean().item()) for r in rows]
+
+
+def test_answers_compare_without_case_punctuation_or_article():
+    assert same_answer("Red.", "red") and same_answer("a circle", "Circle") and not same_answer("red", "blue")
+
+
+def test_same_content_carries_the_edit_and_near_misses_share_half_the_edit_answer():
+    rows = _mine(near_miss_rows=4, same_content_rows=4, protect_rows=4)
+    # red circles (1, and 7 in other spelling) show the edit's content: they must give the new answer,
+    # asked the edit's question and the probe that asks the same thing
+    carry = rows["SE_content"]
+    # (the edit's own question on the edit image is the IN row, not repeated here); 4 of the 5 are kept
+    allowed = {(q, v) for q in (EDIT_Q, COLOUR_PROBE) for v in (1, 7)} | {(COLOUR_PROBE, 0)}
+    pairs = [(r.prompt, v) for r, v in zip(carry, _values(carry))]
+    assert len(pairs) == len(set(pairs)) == 4 and set(pairs) <= allowed
+    assert all(r.target == "green" for r in carry)
+    # near misses: half share the edit's answer (red, other shape: 2 and 5), half share only the shape (3, 6)
+    near = rows["OUT_near"]
+    assert sorted(_values(near)) == [2, 3, 5, 6]
+    assert {r.target for r in near if int(r.image.mean().item()) in (2, 5)} == {"red"}  # the unedited answer
+    assert {r.prompt for r in near} <= {EDIT_Q, COLOUR_PROBE}
+    # the shape probe is protected on the edit image and the same-content images; the colour probe is not
+    protect = rows["OUT_protect"]
+    assert protect and all(r.prompt == SHAPE_PROBE for r in protect)
+    assert {(v, r.target) for r, v in zip(protect, _values(protect))} <= {(0, "circle"), (1, "circle"), (7, "Circle")}
+    assert _values(rows["far"]) == [4]  # shares nothing with a red circle
+
+
+def test_answer_sharing_near_misses_come_first_when_short_of_the_other_kind():
+    rows = _mine(probes=(SHAPE_PROBE,), near_miss_rows=3)
+    assert sorted(_values(rows["OUT_near"])) == [2, 3, 5]  # two of the answer-sharing kind, one other
+
+
+def test_probes_that_only_ask_the_edits_question_give_no_content():
+    assert _mine(probes=(COLOUR_PROBE,)) is None
+
+
+def test_the_sampler_draws_the_content_groups_by_their_own_counts():
+    settings = EnvironmentSettings(probes=[SHAPE_PROBE], probe_pool=8, near_miss_rows=3, same_content_rows=1,
+                                   protect_rows=2, se_text=0, se_image=0, se_joint=0, out_text=0)
+    rows = ([Row("IN", "p", "t")] + [Row("OUT_near", "p", "a")] * 6 + [Row("SE_content", "p", "t")] * 4
+            + [Row("OUT_protect", "p", "a")] * 4)
+    drawn = [rows[i].env for i in EnvironmentSampler(rows, settings, seed=0).sample()]
+    assert (drawn.count("OUT_near"), drawn.count("SE_content"), drawn.count("OUT_protect")) == (3, 1, 2)
+
+
+# ------------------------------------------------------------------------------------------------
+# Through EasyEdit's editor, on the tiny model
+# ------------------------------------------------------------------------------------------------
+CONTENT_ENV = {"probes": ["what shape is in the image ?", "is there a circle ?"], "probe_pool": 6,
+               "near_miss_rows": 2, "same_content_rows": 1, "protect_rows": 1}
+
+
+def _content_yaml(world, **extra):
+    env = {"locality_pool": str(world / "pool.json"), **CONTENT_ENV}
+    return write_yaml(world, "FT-L", {"layers": [-1], "num_steps": 6, "lr": 0.1}, environments=env, **extra)
+
+
+def test_content_rows_and_weights_do_not_depend_on_evaluation_fields(world, monkeypatch):
+    """No leakage with probes: the probe answers, the mined rows and the edited weights are identical
+    whatever the request's evaluation fields hold."""
+    hp = ODEditHyperParams.from_hparams(_content_yaml(world, preset="content"))
+    editor = MultimodalEditor.from_hparams(hp)
+    built, probed = [], []
+    real_build, real_answers = odedit_main.build_rows, odedit_main.unedited_answers
+
+    def recording_build(*args, **kwargs):
+        rows = real_build(*args, **kwargs)
+        built.append([(r.env, r.prompt, r.target, None if r.image is None else r.image.sum().item()) for r in rows])
+        return rows
+
+    def recording_answers(adapter, probes, n_tokens):
+        answers = real_answers(adapter, probes, n_tokens)
+        probed.append(answers)
+        return answers
+
+    monkeypatch.setattr(odedit_main, "build_rows", recording_build)
+    monkeypatch.setattr(odedit_main, "unedited_answers", recording_answers)
+    weights = []
+    for rephrase, loc in [("what is the color of the shape ?", "what is two plus three ?"),
+                          ("is there a circle ?", "what is one plus one ?")]:
+        probed.clear()
+        editor.edit(**edit_kwargs(world, rephrase=rephrase, loc_prompt=loc), keep_original_weight=False,
+                    verbose=False)
+        weights.append((state(editor.model), list(probed)))
+        odedit_main.restore_all(editor.model)
+    assert len(built) == 2 and built[0] == built[1]
+    assert {env for env, *_ in built[0]} & {"SE_content", "OUT_protect"}  # the miner ran
+    assert weights[0][1] == weights[1][1]  # the probe answers
+    assert same(weights[0][0], weights[1][0])
+
+
+def test_an_edit_with_constraints_stops_at_a_check_and_never_runs_past_the_limit(world, monkeypatch):
+    steps, checks = [], []
+    real_update, real_check = objective_module.ODEditObjective.update, objective_module.ODEditObjective.constraints_hold
+
+    def counting_update(self, idx):
+        steps.append(self.step)
+        return real_update(self, idx)
+
+    def recording_check(self):
+        held = real_check(self)
+        checks.append((self.step, held, dict(self.group_weight)))
+        return held
+
+    monkeypatch.setattr(objective_module.ODEditObjective, "update", counting_update)
+    monkeypatch.setattr(objective_module.ODEditObjective, "constraints_hold", recording_check)
+    hp = ODEditHyperParams.from_hparams(_content_yaml(
+        world, constraints={"enabled": True, "max_steps": 12, "check_every": 3, "out_share": 1.0, "out_kl": 0.0}))
+    editor = MultimodalEditor.from_hparams(hp)
+    editor.edit(**edit_kwargs(world), keep_original_weight=True, verbose=False)
+    assert 3 <= len(steps) <= 12 and [s for s, _, _ in checks] == [3 * (i + 1) for i in range(len(checks))]
+    # out_kl 0 cannot hold once anything moved: every check fails, and the OUT weight grows at each one
+    assert not any(held for _, held, _ in checks) and len(steps) == 12
+    out_weights = [w["OUT"] for _, _, w in checks]
+    assert out_weights == sorted(out_weights) and out_weights[-1] > 1.0
+
+
+def test_a_check_that_holds_ends_the_edit_with_that_iterate(world, monkeypatch):
+    steps = []
+    real_update = objective_module.ODEditObjective.update
+
+    def counting_update(self, idx):
+        steps.append(self.step)
+        return real_update(self, idx)
+
+    monkeypatch.setattr(objective_module.ODEditObjective, "update", counting_update)
+    monkeypatch.setattr(objective_module.ODEditObjective, "constraints_hold", lambda self: self.step >= 4)
+    hp = ODEditHyperParams.from_hparams(_content_yaml(world, constraints={"enabled": True, "check_every": 2}))
+    MultimodalEditor.from_hparams(hp).edit(**edit_kwargs(world), keep_original_weight=True, verbose=False)
+    assert len(steps) == 4
+
+
+@pytest.mark.parametrize("section, values, field", [
+    ("constraints", {"max_steps": 0}, "constraints.max_steps"),
+    ("constraints", {"se_share": 1.5}, "constraints.se_share"),
+    ("constraints", {"growth": 0.5}, "constraints.out_kl/growth/max_weight"),
+    ("environments", {"probes": ["what is it?", ""]}, "environments.probes"),
+    ("environments", {"probe_batch": 0}, "environments.probe_batch"),
+])
+def test_bad_settings_name_the_field(world, section, values, field):
+    with pytest.raises(ODEditError, match=re.escape(field)):
+        ODEditHyperParams.from_hparams(write_yaml(world, **{section: values}))
+
+
+def test_presets_set_the_formulation_and_the_yaml_overrides_them(world):
+    paper = ODEditHyperParams.from_hparams(write_yaml(world, preset="paper"))
+    assert not paper.constraints.enabled and paper.environments.probe_pool == 0 and paper.risks.loc_weight == 1.0
+    content = ODEditHyperParams.from_hparams(_content_yaml(world, preset="content", risks={"loc_weight": 5.0}))
+    assert content.constraints.enabled and content.environments.probe_pool == 6 and content.risks.loc_weight == 5.0
+    with pytest.raises(ODEditError, match="environments.probes"):
+        ODEditHyperParams.from_hparams(write_yaml(world, preset="content"))
+    with pytest.raises(ODEditError, match="preset"):
+        ODEditHyperParams.from_hparams(write_yaml(world, preset="fast"))
