@@ -239,7 +239,7 @@ class EnvironmentBuilder:
         image_entries = [e for e in self.pool if e.image_path is not None]
         text_rows = [Row("OUT_text", e.prompt, e.answer) for e in self._sample(text_entries, k * s.out_text)]
         candidates = self._sample(image_entries, self._searched(self.by_content)) if (s.out_image or self.by_content) else []
-        image_rows = [Row("OUT_image", e.prompt, e.answer, self._load_image(e.image_path), e.image_path)
+        image_rows = [Row("OUT_image", e.prompt, e.answer, self.load_image(e.image_path), e.image_path)
                       for e in candidates]
         return {"text": text_rows, "image": image_rows}
 
@@ -255,7 +255,7 @@ class EnvironmentBuilder:
     def _sample(self, items: Sequence, n: int) -> list:
         return self.rng.sample(list(items), min(n, len(items)))
 
-    def _load_image(self, path: str) -> torch.Tensor:
+    def load_image(self, path: str) -> torch.Tensor:
         # the pool is fixed: process each image once, keep the recent ones
         key = (path, type(self.image_processor).__name__, self.view_size)
         return _PROCESSED_POOL_IMAGES.get(

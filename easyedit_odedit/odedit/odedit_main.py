@@ -261,7 +261,7 @@ def build_rows(adapter: MultimodalLMAdapter, view: dict, hparams, seed: int, pas
     if builder.by_content:  # the pool's features and fixed probes' answers, computed once per (model, pool)
         pool = [e.image_path for e in builder.pool if e.image_path is not None]
         key = (env.locality_pool, env.locality_image_root, adapter.image_size, env.probe_batch)
-        index = index_for(adapter, key, list(dict.fromkeys(pool)), builder._load_image, env.probe_batch,
+        index = index_for(adapter, key, list(dict.fromkeys(pool)), builder.load_image, env.probe_batch,
                           unedited=not past)
     probes = Probes(adapter, lambda rows, n: unedited_answers(adapter, rows, n), n_tokens, env.probe_batch,
                     env.probes, index)
