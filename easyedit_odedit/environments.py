@@ -57,6 +57,7 @@ class Row:
     prompt: str
     target: Optional[str]
     image: Optional[torch.Tensor] = None
+    source: Optional[str] = None  # the pool image's path, for a row that shows one
 
 
 # --------------------------------------------------------------------------------------------
@@ -238,7 +239,8 @@ class EnvironmentBuilder:
         image_entries = [e for e in self.pool if e.image_path is not None]
         text_rows = [Row("OUT_text", e.prompt, e.answer) for e in self._sample(text_entries, k * s.out_text)]
         candidates = self._sample(image_entries, self._searched(self.by_content)) if (s.out_image or self.by_content) else []
-        image_rows = [Row("OUT_image", e.prompt, e.answer, self._load_image(e.image_path)) for e in candidates]
+        image_rows = [Row("OUT_image", e.prompt, e.answer, self.load_image(e.image_path), e.image_path)
+                      for e in candidates]
         return {"text": text_rows, "image": image_rows}
 
     def past(self, edits: Sequence[dict]) -> List[Row]:
@@ -253,7 +255,7 @@ class EnvironmentBuilder:
     def _sample(self, items: Sequence, n: int) -> list:
         return self.rng.sample(list(items), min(n, len(items)))
 
-    def _load_image(self, path: str) -> torch.Tensor:
+    def load_image(self, path: str) -> torch.Tensor:
         # the pool is fixed: process each image once, keep the recent ones
         key = (path, type(self.image_processor).__name__, self.view_size)
         return _PROCESSED_POOL_IMAGES.get(
@@ -298,8 +300,8 @@ class EnvironmentBuilder:
     def _by_content(self, view: dict, se_rows: List[Row], candidates: List[Row], features, answers) -> List[Row]:
         """``ContentMiner``'s near misses, same-content and protecting rows, and far rows (their own
         question) from the candidates that share nothing with the edit image."""
-        feats = features([view["image"], *[r.image for r in candidates]])
-        distances = (feats[1:] - feats[0]).norm(dim=-1).tolist()
+        anchor = features([view["image"]])
+        distances = (features([r.image for r in candidates], [r.source for r in candidates]) - anchor).norm(dim=-1).tolist()
         found = ContentMiner(self.settings, self.rng).rows(view, candidates, distances, answers)
         if found is None:  # the probes describe nothing besides the edit's answer: search as without them
             self.by_content = False
@@ -433,7 +435,8 @@ class ContentMiner:
         question asks (itself first), and the probes that ask something else."""
         questions = list(dict.fromkeys([view["prompt"], *self.settings.probes]))
         images = [view["image"], *[c.image for c in candidates]]
-        said = answers([Row("probe", q, None, image) for image in images for q in questions])
+        sources = [None, *[c.source for c in candidates]]
+        said = answers([Row("probe", q, None, image, source) for image, source in zip(images, sources) for q in questions])
         table = [dict(zip(questions, said[i * len(questions):(i + 1) * len(questions)])) for i in range(len(images))]
         alike = [q for q in questions if q == view["prompt"] or self._asks_the_same(table, view["prompt"], q)]
         other = [q for q in questions if q not in alike]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from easyeditor import MultimodalEditor
 
-from easyedit_odedit import ODEditError, ODEditHyperParams
+from easyedit_odedit import ODEditError, ODEditHyperParams, pool_index
 from easyedit_odedit.environments import ContentMiner, EnvironmentSampler, Row, same_answer
 from easyedit_odedit.odedit import objective as objective_module
 from easyedit_odedit.odedit import odedit_main
@@ -109,20 +109,20 @@ def test_content_rows_and_weights_do_not_depend_on_evaluation_fields(world, monk
     hp = ODEditHyperParams.from_hparams(_content_yaml(world, preset="content"))
     editor = MultimodalEditor.from_hparams(hp)
     built, probed = [], []
-    real_build, real_answers = odedit_main.build_rows, odedit_main.unedited_answers
+    real_build, real_answers = odedit_main.build_rows, pool_index.Probes.answers
 
     def recording_build(*args, **kwargs):
         rows = real_build(*args, **kwargs)
         built.append([(r.env, r.prompt, r.target, None if r.image is None else r.image.sum().item()) for r in rows])
         return rows
 
-    def recording_answers(adapter, probes, n_tokens):
-        answers = real_answers(adapter, probes, n_tokens)
+    def recording_answers(self, probes):
+        answers = real_answers(self, probes)
         probed.append(answers)
         return answers
 
     monkeypatch.setattr(odedit_main, "build_rows", recording_build)
-    monkeypatch.setattr(odedit_main, "unedited_answers", recording_answers)
+    monkeypatch.setattr(pool_index.Probes, "answers", recording_answers)
     weights = []
     for rephrase, loc in [("what is the color of the shape ?", "what is two plus three ?"),
                           ("is there a circle ?", "what is one plus one ?")]:
@@ -199,3 +199,72 @@ def test_presets_set_the_formulation_and_the_yaml_overrides_them(world):
         ODEditHyperParams.from_hparams(write_yaml(world, preset="content"))
     with pytest.raises(ODEditError, match="preset"):
         ODEditHyperParams.from_hparams(write_yaml(world, preset="fast"))
+
+
+# ------------------------------------------------------------------------------------------------
+# The pool index
+# ------------------------------------------------------------------------------------------------
+class _Adapter(torch.nn.Module):
+    """Stands in for the model: one weight, features = image means, answers counted."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(2))
+        self.asked = []
+
+    def image_features(self, images):
+        return torch.stack([im.mean().view(1) for im in images])
+
+    def ask(self, rows, n_tokens):
+        self.asked.append(len(rows))
+        return [f"{r.prompt}:{int(r.image.mean().item())}" for r in rows]
+
+
+def test_the_index_computes_the_whole_pool_once_in_fixed_slices_and_answers_from_it():
+    adapter = _Adapter()
+    paths = [f"img{i}" for i in range(7)]
+    load = lambda p: _image(int(p[3:]))  # noqa: E731
+    index = pool_index.PoolIndex(adapter, paths, load, batch=3)
+    assert index.answers("q", ["img5", "img1"], 1, adapter.ask) == ["q:5", "q:1"]
+    assert adapter.asked == [3, 3, 1]  # the whole pool, in pool order, slices of 3
+    assert index.answers("q", ["img2"], 1, adapter.ask) == ["q:2"] and adapter.asked == [3, 3, 1]  # from the index
+    assert index.features(["img4", "img0"]).flatten().tolist() == [4.0, 0.0]
+
+
+def test_probes_ask_live_what_the_index_cannot_know():
+    adapter = _Adapter()
+    index = pool_index.PoolIndex(adapter, ["img1", "img2"], lambda p: _image(int(p[3:])), batch=8)
+    probes = pool_index.Probes(adapter, adapter.ask, 1, batch=8, fixed_prompts=["fixed"], index=index)
+    rows = [Row("probe", "fixed", None, _image(1), "img1"),     # fixed probe, pool image: the index
+            Row("probe", "edit q", None, _image(2), "img2"),    # the edit's own question: live
+            Row("probe", "fixed", None, _image(9), None)]       # the edit image: live
+    assert probes.answers(rows) == ["fixed:1", "edit q:2", "fixed:9"]
+    assert adapter.asked == [2, 2]  # the index's pass over the pool, then the two live rows
+
+
+def test_an_index_answers_only_for_the_weights_it_was_built_on():
+    adapter = _Adapter()
+    key, load = ("pool",), (lambda p: _image(1))
+    first = pool_index.index_for(adapter, key, ["img1"], load, 4, unedited=True)
+    assert pool_index.index_for(adapter, key, ["img1"], load, 4, unedited=True) is first
+    with torch.no_grad():
+        adapter.w.add_(1.0)
+    assert pool_index.index_for(adapter, key, ["img1"], load, 4, unedited=False) is None  # mid-sequence: live
+    rebuilt = pool_index.index_for(adapter, key, ["img1"], load, 4, unedited=True)  # changed outside ODEdit
+    assert rebuilt is not first and rebuilt.holds()
+    with torch.no_grad():
+        adapter.w.sub_(1.0)
+    assert pool_index.index_for(adapter, key, ["img1"], load, 4, unedited=True) is not rebuilt
+
+
+def test_a_content_edit_does_not_depend_on_the_edits_before_it(world):
+    """The index is built during the first edit; the same edit after another one gives the same weights."""
+    hp = ODEditHyperParams.from_hparams(_content_yaml(world, preset="content", constraints={"max_steps": 6}))
+    editor = MultimodalEditor.from_hparams(hp)
+    results = []
+    for targets in (["green"], ["blue"], ["green"]):
+        kwargs = dict(edit_kwargs(world), targets=targets)
+        editor.edit(**kwargs, keep_original_weight=False, verbose=False)
+        results.append(state(editor.model))
+        odedit_main.restore_all(editor.model)
+    assert same(results[0], results[2]) and not same(results[0], results[1])

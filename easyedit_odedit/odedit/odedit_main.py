@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from .. import compat
 from ..environments import EnvironmentBuilder, EnvironmentSampler, Row, edit_view, past_edit
 from ..errors import ODEditError
+from ..pool_index import Probes, index_for
 from ..models.adapter import MultimodalLMAdapter
 from ..registry import build_host
 from ..validation import check_request
@@ -256,12 +257,15 @@ def build_rows(adapter: MultimodalLMAdapter, view: dict, hparams, seed: int, pas
     out = builder.out_candidates(view)
 
     n_tokens = len(adapter.tokenizer(view["target"])["input_ids"])
-
-    def answers(probes):  # a few hundred probe rows when describing pool images: in slices
-        size = env.probe_batch
-        return [a for i in range(0, len(probes), size) for a in unedited_answers(adapter, probes[i:i + size], n_tokens)]
-
-    rows += out["text"] + builder.near_and_far(view, rows, out["image"], adapter.image_features, answers)
+    index = None
+    if builder.by_content:  # the pool's features and fixed probes' answers, computed once per (model, pool)
+        pool = [e.image_path for e in builder.pool if e.image_path is not None]
+        key = (env.locality_pool, env.locality_image_root, adapter.image_size, env.probe_batch)
+        index = index_for(adapter, key, list(dict.fromkeys(pool)), builder.load_image, env.probe_batch,
+                          unedited=not past)
+    probes = Probes(adapter, lambda rows, n: unedited_answers(adapter, rows, n), n_tokens, env.probe_batch,
+                    env.probes, index)
+    rows += out["text"] + builder.near_and_far(view, rows, out["image"], probes.features, probes.answers)
     _fill_unedited_answers(adapter, rows, n_tokens)
     return rows + builder.past(past)
 
