@@ -99,16 +99,21 @@ def main(argv=None) -> None:
         build(args.dir)
 
 
+def _common_options(parser, hparams_help: str) -> None:
+    """What ``edit`` and ``train`` both take: the YAML, the dataset kind, the image folder."""
+    parser.add_argument("--hparams", required=True, help=hparams_help)
+    parser.add_argument("--kind", default="vqa", help="vqa (EasyEdit's VQADataset) or caption (CaptionDataset)")
+    parser.add_argument("--image-root", help="folder the records' image paths are relative to (default: the YAML's coco_image)")
+
+
 def _add_edit(sub) -> None:
     edit = sub.add_parser("edit", help="edit every record of an E-VQA/E-IC file, one at a time (torchrun: sharded)")
-    edit.add_argument("--hparams", required=True, help="an ODEdit YAML, or EasyEdit's own hparams YAML (the host alone)")
+    _common_options(edit, "an ODEdit YAML, or EasyEdit's own hparams YAML (the host alone)")
     edit.add_argument("--data", required=True, help="the records: an E-VQA / E-IC JSON list")
     edit.add_argument("--out", required=True, help="folder for edits.jsonl, results.json, results.md (a rerun resumes)")
-    edit.add_argument("--kind", default="vqa", help="vqa (EasyEdit's VQADataset) or caption (CaptionDataset)")
     edit.add_argument("--sequential", type=int, default=1, metavar="T",
                       help="edit T consecutive records on top of each other, evaluate, restore (default 1)")
     edit.add_argument("--limit", type=int, metavar="N", help="only the first N editable records")
-    edit.add_argument("--image-root", help="folder the records' image paths are relative to (default: the YAML's coco_image)")
     edit.add_argument("--template", help="prompt template for the questions (default for vqa: "
                                          "'Question: {} Short answer:'; caption: none)")
     edit.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -116,11 +121,9 @@ def _add_edit(sub) -> None:
 
 def _add_train(sub) -> None:
     train = sub.add_parser("train", help="MEND/SERAC meta-training with EasyEdit's MultimodalTrainer (torchrun: DDP)")
-    train.add_argument("--hparams", required=True, help="a training YAML, e.g. hparams/TRAINING/ODEdit/tiny-mend.yaml")
+    _common_options(train, "a training YAML, e.g. hparams/TRAINING/ODEdit/tiny-mend.yaml")
     train.add_argument("--train", required=True, help="training records (E-VQA / E-IC JSON)")
     train.add_argument("--val", required=True, help="validation records")
-    train.add_argument("--kind", default="vqa", help="vqa or caption")
-    train.add_argument("--image-root", help="folder the records' image paths are relative to (default: coco_image)")
     train.add_argument("--results-dir", help="where EasyEdit writes models/<alg>/<model> (default: the YAML's results_dir)")
 
 

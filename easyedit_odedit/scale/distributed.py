@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
-from typing import List, Optional, Union
+from typing import List, Optional
 
 import torch
 
@@ -29,11 +29,11 @@ class Workers:
         return self.world > 1
 
     @property
-    def device(self) -> Union[int, str]:
-        """What a YAML's ``device`` must say in this process: the GPU index torchrun's local rank
-        names, or the YAML's own value on a machine without GPUs (the plugin runs EasyEdit's
-        ``cuda:`` code on the CPU there)."""
-        return self.local_rank if torch.cuda.is_available() else "cpu"
+    def device(self) -> Optional[int]:
+        """The GPU index a YAML's ``device`` must name in this process under torchrun (its local
+        rank); None in a process alone or without GPUs: the YAML's own value stays (the plugin runs
+        EasyEdit's ``cuda:`` code on the CPU there)."""
+        return self.local_rank if self.distributed and torch.cuda.is_available() else None
 
     def barrier(self) -> None:
         if self.distributed:

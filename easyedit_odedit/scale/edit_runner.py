@@ -315,8 +315,6 @@ def _fail_for_test(workers: Workers, done: int) -> None:
 def run(options: EditOptions, workers: Optional[Workers] = None, progress: bool = True) -> Optional[dict]:
     """Edit this process's shard; the last process to arrive (rank 0) merges and summarises.
     Returns ``results.json``'s content on rank 0 (None on the other ranks)."""
-    import torch
-
     import easyedit_odedit  # noqa: F401  (registers ODEdit in EasyEdit)
 
     workers = workers or Workers()
@@ -334,11 +332,10 @@ def run(options: EditOptions, workers: Optional[Workers] = None, progress: bool 
     if workers.rank == 0:
         _write_json(os.path.join(out, "run.json"), {"fingerprint": fingerprint})
     started = time.time()
-    hparams = load_hparams(options.hparams, device=workers.device if workers.distributed else None)
+    hparams = load_hparams(options.hparams, device=workers.device)
     image_root = os.path.abspath(options.image_root) if options.image_root else (hparams.coco_image or "")
     check_images({r: records[r] for u in mine for r in u}, image_root)
     if mine:
-        torch.set_grad_enabled(True)
         _edit_shard(options, hparams, workers, mine, records, out, progress)
     workers.barrier()
     if workers.rank != 0:

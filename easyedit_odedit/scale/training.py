@@ -188,9 +188,7 @@ def load_training_hparams(options: TrainOptions, workers: Workers):
 
     with open(options.hparams) as f:
         config = yaml.safe_load(f) or {}
-    fields = {}
-    if workers.distributed:
-        fields["device"] = workers.device
+    fields = {} if workers.device is None else {"device": workers.device}
     if options.image_root:
         fields.update(coco_image=os.path.abspath(options.image_root), rephrase_image=os.path.abspath(options.image_root))
     if options.results_dir:
