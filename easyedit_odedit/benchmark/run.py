@@ -910,13 +910,12 @@ def plan(config: dict) -> List[Tuple[int, Method, str, Optional[int]]]:
     return jobs
 
 
-def run_bench(config_or_path, out: str, progress: bool = True, report: bool = True) -> Dict[str, Any]:
-    """Run the bench; returns ``results.json``'s content (``report=False``: the run metadata)."""
+def run_bench(config_or_path, out: str, progress: bool = True, report: bool = True, workers: int = 1) -> Dict[str, Any]:
+    """Run the bench; returns ``results.json``'s content (``report=False``: the run metadata).
+    ``workers`` > 1: the jobs spread over that many processes, with the same result."""
     import torch
 
     import easyedit_odedit  # noqa: F401  (registers ODEdit in EasyEdit)
-
-    from . import records as records_mod
 
     config = load_config(config_or_path)
     out = os.path.abspath(out)
@@ -932,40 +931,15 @@ def run_bench(config_or_path, out: str, progress: bool = True, report: bool = Tr
             "versions": versions(), "base_model": base_model_info(config["base_model"]),
             "memory_measure": peak.measure, "threads": int(config["threads"]), "device": "cpu"
             if not torch.cuda.is_available() else torch.cuda.get_device_name(0),
-            "platform": platform.platform(), "cpu_count": os.cpu_count(), "data": {}, "jobs": len(jobs)}
-    with contextlib.chdir(out), open(edits_path, "w") as sink:  # EasyEdit writes logs/ in the cwd
-        seeds_done: Dict[int, SeedRun] = {}
-        bar = tqdm(jobs, desc="bench", disable=not progress)
-        for seed, method, setting, chunk in bar:
-            if seed not in seeds_done:
-                data_dir = os.path.join(out, "data", f"seed{seed}")
-                rc = config["records"]
-                bar.set_postfix_str(f"records seed {seed}")
-                data = records_mod.write_benchmark(config["base_model"], data_dir, int(rc["n_train"]),
-                                                   int(rc["n_test"]), int(seed), int(rc.get("pool_images", 2000)))
-                meta["data"][str(seed)] = {**data, **_record_counts(data)}
-                _drop_pool_image_cache()  # the previous seed's pool images are not used again
-                seeds_done = {seed: SeedRun(config, seed, data, out, peak, progress)}
-            run = seeds_done[seed]
-            training = False
-            if isinstance(method, MetaTrainedMethod):
-                method.trained = run.trainer_for(method)
-                training = method.training_alg not in run.meta_training.get(method.host_name, {})
-            bar.set_postfix_str(f"seed {seed} " + (f"meta-training {method.name}, then " if training else "")
-                                + f"{setting} {method.name}")
-            if setting == "single":
-                rows = run.single(method, int(config["settings"]["single"]["n"]))
-            elif setting == "curve":
-                rows = run.single(method, int(config["curve"].get("n", config["settings"]["single"]["n"])), "curve")
-            else:
-                rows = run.sequential(method, int(setting[3:]), int(chunk))
-            for row in rows:
-                sink.write(json.dumps(row) + "\n")
-            sink.flush()
-            for host, by_alg in run.meta_training.items():
-                meta.setdefault("meta_training", {}).setdefault(host, {})[str(seed)] = by_alg
-            for name, check in run.leakage.items():
-                meta.setdefault("leakage", {}).setdefault(name, {})[str(seed)] = check
+            "platform": platform.platform(), "cpu_count": os.cpu_count(), "data": {}, "jobs": len(jobs),
+            "workers": int(workers)}
+    if workers > 1:  # the same jobs over several processes, merged in plan order (benchmark/parallel.py)
+        from .parallel import run_spread
+
+        run_spread(config, out, jobs, meta, workers, progress)
+    else:
+        with contextlib.chdir(out), open(edits_path, "w") as sink:  # EasyEdit writes logs/ in the cwd
+            run_jobs(config, out, jobs, lambda _, rows: _write_rows(sink, rows), meta, peak, progress)
     meta["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     meta["wall_s"] = round(time.time() - started, 1)
     with open(os.path.join(out, "run.json"), "w") as f:
@@ -975,6 +949,61 @@ def run_bench(config_or_path, out: str, progress: bool = True, report: bool = Tr
     from .report import build
 
     return build(out, show=progress)
+
+
+# -- the hook benchmark/parallel.py uses: any subset of the plan, run in order -----------------------
+def run_jobs(config: dict, out: str, jobs: Sequence[tuple], sink, meta: Dict[str, Any], peak: PeakRSS,
+             progress: bool, data: Optional[Dict[int, Dict[str, str]]] = None, desc: str = "bench",
+             position: Optional[int] = None) -> None:
+    """Run ``jobs`` (entries of ``plan(config)``) in order in this process: ``sink(i, rows)`` gets
+    the rows of ``jobs[i]``; the seeds' data, meta-training and no-leakage records go into
+    ``meta``. ``data``: seeds whose records are already written (``write_seed_data``)."""
+    seeds_done: Dict[int, SeedRun] = {}
+    bar = tqdm(jobs, desc=desc, disable=not progress, position=position)
+    for i, (seed, method, setting, chunk) in enumerate(bar):
+        if seed not in seeds_done:
+            if data and seed in data:
+                seed_data = data[seed]
+            else:
+                bar.set_postfix_str(f"records seed {seed}")
+                seed_data = write_seed_data(config, out, seed)
+            meta["data"][str(seed)] = {**seed_data, **_record_counts(seed_data)}
+            _drop_pool_image_cache()  # the previous seed's pool images are not used again
+            seeds_done = {seed: SeedRun(config, seed, seed_data, out, peak, progress)}
+        run = seeds_done[seed]
+        training = False
+        if isinstance(method, MetaTrainedMethod):
+            method.trained = run.trainer_for(method)
+            training = method.training_alg not in run.meta_training.get(method.host_name, {})
+        bar.set_postfix_str(f"seed {seed} " + (f"meta-training {method.name}, then " if training else "")
+                            + f"{setting} {method.name}")
+        if setting == "single":
+            rows = run.single(method, int(config["settings"]["single"]["n"]))
+        elif setting == "curve":
+            rows = run.single(method, int(config["curve"].get("n", config["settings"]["single"]["n"])), "curve")
+        else:
+            rows = run.sequential(method, int(setting[3:]), int(chunk))
+        sink(i, rows)
+        for host, by_alg in run.meta_training.items():
+            meta.setdefault("meta_training", {}).setdefault(host, {})[str(seed)] = by_alg
+        for name, check in run.leakage.items():
+            meta.setdefault("leakage", {}).setdefault(name, {})[str(seed)] = check
+
+
+def write_seed_data(config: dict, out: str, seed: int) -> Dict[str, str]:
+    """The seed's MiniMMEdit records, locality pool and images under ``out/data/seed<seed>``."""
+    from . import records as records_mod
+
+    rc = config["records"]
+    return records_mod.write_benchmark(config["base_model"], os.path.join(out, "data", f"seed{seed}"),
+                                       int(rc["n_train"]), int(rc["n_test"]), int(seed),
+                                       int(rc.get("pool_images", 2000)))
+
+
+def _write_rows(sink, rows: Sequence[dict]) -> None:
+    for row in rows:
+        sink.write(json.dumps(row) + "\n")
+    sink.flush()
 
 
 def _drop_pool_image_cache() -> None:
