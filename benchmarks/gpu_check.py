@@ -52,7 +52,7 @@ def same(a, b):
 def check_editor(config, data, records):
     from easyeditor import MultimodalEditor
 
-    from easyedit_odedit.benchmark.run import edit_arguments
+    from easyedit_odedit.benchmark.evaluation import edit_arguments
 
     hp = world_hparams(config, data, SHIPPED, steps=20, device=0)
     redirect_installed = []

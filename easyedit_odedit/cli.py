@@ -24,7 +24,7 @@ HOST_YAMLS = {"FT-L": "minimmedit-ft-l.yaml", "FT-V": "minimmedit-ft-v.yaml", "L
 def _demo_config(host=None) -> dict:
     import yaml
 
-    from .benchmark.run import load_config
+    from .benchmark.config import load_config
 
     path = os.path.join(BENCH_DIR, "demo.yaml")
     if not os.path.isfile(path):
@@ -45,7 +45,7 @@ def _demo_config(host=None) -> dict:
 
 
 def _run(config, out: str) -> None:
-    from .benchmark.run import run_bench
+    from .benchmark.runner import run_bench
 
     start = time.time()
     run_bench(config, out)
@@ -69,7 +69,7 @@ def main(argv=None) -> None:
     if args.command == "demo":
         _run(_demo_config(args.host), args.out)
     elif args.command == "bench":
-        from .benchmark.run import BenchConfigError, load_config
+        from .benchmark.config import BenchConfigError, load_config
 
         try:
             config = load_config(args.config)
