@@ -212,7 +212,7 @@ def time_edits(adapter, hp, views):
     counted). Each edit is restored, also after an error such as running out of GPU memory, so the
     next starts from the same weights."""
     from easyedit_odedit.odedit import odedit_main
-    from easyedit_odedit.registry import build_host
+    from easyedit_odedit.hosts import build_host
 
     times, setup = [], []
     for i, view in enumerate(views):

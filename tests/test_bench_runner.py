@@ -194,7 +194,7 @@ def test_mend_edit_time_refinement_has_the_same_steps_with_and_without_odedit(be
     size (``mend.edit_lr``, default |edit_lr|)."""
     from easyedit_odedit.benchmark.config import SHIPPED_MODEL
     from easyedit_odedit.benchmark.methods import MendMethod
-    from easyedit_odedit.registry import build_host
+    from easyedit_odedit.hosts import build_host
 
     out, _ = bench
     with open(out / "data" / "seed3" / "manifest.json") as f:

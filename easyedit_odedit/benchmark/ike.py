@@ -66,6 +66,7 @@ def hashed_ngram_vector(text: str, dim: int = 512, ngram: int = 2) -> torch.Tens
 def _module_base():
     compat.ensure_torchvision_importable()
     try:
+        # sentence-transformers is EasyEdit's dependency, not the plugin's: loaded when IKE runs
         from sentence_transformers.sentence_transformer.modules import Module  # sentence-transformers >= 6
     except ImportError:
         from sentence_transformers.models import Module
@@ -132,7 +133,7 @@ def sentence_model_scope():
 def save_sentence_model(path: str, dim: int = 512, ngram: int = 2) -> str:
     """A sentence-transformers model folder whose module is ``HashedNgramEmbedder``; EasyEdit's
     ``SentenceTransformer(hparams.sentence_model_name)`` loads it offline."""
-    from sentence_transformers import SentenceTransformer
+    from sentence_transformers import SentenceTransformer  # EasyEdit's dependency (see _module_base)
 
     model = SentenceTransformer(modules=[_embedder_class()(dim=dim, ngram=ngram)], device="cpu")
     model.save(path)
@@ -164,7 +165,7 @@ def embedding_path(results_dir: str, task_name: str = TASK_NAME) -> str:
 
 def write_pool(sentence_model: str, sentences: Sequence[str], results_dir: str, task_name: str = TASK_NAME) -> str:
     """Encode the demonstrations with the sentence model and write them where EasyEdit reads them."""
-    from sentence_transformers import SentenceTransformer
+    from sentence_transformers import SentenceTransformer  # EasyEdit's dependency (see _module_base)
 
     with sentence_model_scope():
         model = SentenceTransformer(sentence_model, device="cpu")

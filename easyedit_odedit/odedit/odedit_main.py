@@ -20,7 +20,7 @@ from .. import compat
 from ..environments import EnvironmentBuilder, EnvironmentSampler, Row, edit_view, past_edit
 from ..errors import ODEditError
 from ..models.adapter import MultimodalLMAdapter
-from ..registry import build_host
+from ..hosts import build_host
 from ..validation import check_request
 from .objective import EditRows, ODEditObjective, make_prefix_cache
 
