@@ -72,19 +72,19 @@ PATCHES: List[Patch] = [
             "runs inside host_scope; for alg ODEdit also the model check and the plugin's trainer hook (trainer.py)",
             "the host-scope patches are gone", "compat.entry_points.wrap_entry_points")
       for name in entry_points.TRAINER_METHODS],
-    Patch(f"{_MME}.__init__", FIX, INSTALL,
+    Patch(f"{_MME}.__init__", FIX, CALL,
           "ALG_MULTIMODAL_DICT holds one MEND/SERAC executor for the whole process, and it keeps the first "
           "model and archive it loads: a second editor silently edited with the first one; each editor gets "
           "its own executor", "EasyEdit builds an executor per editor", "compat.executors.own_executor",
           name=executors.OWN_EXECUTOR),
-    Patch("easyeditor.editors.multimodal_editor.make_logs", FIX, INSTALL,
+    Patch("easyeditor.editors.multimodal_editor.make_logs", FIX, CALL,
           "adds a file and a stream handler on every editor construction; duplicates are closed and dropped",
           "make_logs adds its handlers once", "compat.executors.dedupe_handlers", name=executors.LOG_HANDLERS),
-    Patch("easyeditor.models.serac.serac_main.SeracMultimodalRewriteExecutor.apply_to_model", FIX, INSTALL,
+    Patch("easyeditor.models.serac.serac_main.SeracMultimodalRewriteExecutor.apply_to_model", FIX, CALL,
           "main's editor passes [request] to every executor, but its multimodal SERAC executor reads one "
           "request: every single edit failed", "main's multimodal executors take a list",
           "compat.executors.executor_apply", versions=("main",), name=executors.ONE_REQUEST),
-    Patch("easyeditor.models.mend.mend_main.MendMultimodalRewriteExecutor.apply_to_model", FIX, INSTALL,
+    Patch("easyeditor.models.mend.mend_main.MendMultimodalRewriteExecutor.apply_to_model", FIX, CALL,
           "as for SERAC: main's multimodal MEND executor reads one request", "main's multimodal executors take a list",
           "compat.executors.executor_apply", versions=("main",), name=executors.ONE_REQUEST),
     # -- install: models and SERAC built for plugin checkpoints -------------------------------------
