@@ -49,6 +49,7 @@ def test_the_fixes_are_the_listed_switchable_entries():
 
 CHANGES = r'''
 import importlib.util, json, os, sys
+import torch
 sys.path.insert(0, sys.argv[1])
 from tests.patch_targets import owner_and_name  # imports nothing of the plugin
 
