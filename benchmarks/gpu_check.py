@@ -52,12 +52,12 @@ def same(a, b):
 def check_editor(config, data, records):
     from easyeditor import MultimodalEditor
 
-    from easyedit_odedit.benchmark.run import edit_arguments
+    from easyedit_odedit.benchmark.evaluation import edit_arguments
 
     hp = world_hparams(config, data, SHIPPED, steps=20, device=0)
     redirect_installed = []
     with compat.cpu_redirect():
-        redirect_installed.append(torch.Tensor.to is not compat._originals.get("tensor_to", torch.Tensor.to))
+        redirect_installed.append(torch.Tensor.to is not compat.scopes._originals.get("tensor_to", torch.Tensor.to))
     editor = MultimodalEditor.from_hparams(hp)
     print(f"[1] model on {next(editor.model.parameters()).device}; CPU redirect active during EasyEdit calls: "
           f"{any(redirect_installed)}")

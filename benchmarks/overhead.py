@@ -45,7 +45,7 @@ def minimmedit_world(root: str, n_edits: int) -> tuple:
     text rows it builds in the bench. (data paths, the records, their edits: prompt, target, image
     path - the edit fields only)."""
     from easyedit_odedit.benchmark import records
-    from easyedit_odedit.benchmark.run import edit_arguments
+    from easyedit_odedit.benchmark.evaluation import edit_arguments
 
     data = records.write_benchmark(SHIPPED, root, n_train=0, n_test=n_edits, seed=0)
     with open(data["test"]) as f:
@@ -80,7 +80,8 @@ def world_hparams(config: dict, data: dict, model_dir: str, steps: int, enabled:
     """``config`` pointed at the world as the bench points it, with ``steps`` host steps and
     ``settings`` merged in section by section (the bench's own merge)."""
     from easyedit_odedit import ODEditHyperParams
-    from easyedit_odedit.benchmark.run import _merge, _point_at_world
+    from easyedit_odedit.benchmark.config import _merge
+    from easyedit_odedit.benchmark.methods import _point_at_world
 
     config = _merge(config, {"host_hparams": {"num_steps": steps}, **settings})
     _point_at_world(config, data, model_dir, seed=0, enabled=enabled)
@@ -211,7 +212,7 @@ def time_edits(adapter, hp, views):
     counted). Each edit is restored, also after an error such as running out of GPU memory, so the
     next starts from the same weights."""
     from easyedit_odedit.odedit import odedit_main
-    from easyedit_odedit.registry import build_host
+    from easyedit_odedit.hosts import build_host
 
     times, setup = [], []
     for i, view in enumerate(views):

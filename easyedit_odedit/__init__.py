@@ -1,12 +1,9 @@
 """ODEdit for EasyEdit: importing this package registers ``ODEdit`` in EasyEdit's multimodal
 registry, so ``MultimodalEditor.from_hparams(ODEditHyperParams.from_hparams(yaml))`` just works."""
-from . import compat
-
-compat.ensure_torchvision_importable()  # before transformers is imported anywhere below
-
-from .errors import ODEditError, ODEditFileNotFoundError, ODEditNumericalError  # noqa: E402
-from .odedit import ODEditHyperParams, apply_odedit_to_multimodal_model, restore_all  # noqa: E402
-from .registration import register  # noqa: E402
+from . import compat  # first: its import shims run before anything imports transformers
+from .errors import ODEditError, ODEditFileNotFoundError, ODEditNumericalError
+from .odedit import ODEditHyperParams, apply_odedit_to_multimodal_model, restore_all
+from .registration import register
 
 register()
 

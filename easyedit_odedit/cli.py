@@ -31,7 +31,7 @@ HOST_YAMLS = {"FT-L": "minimmedit-ft-l.yaml", "FT-V": "minimmedit-ft-v.yaml", "L
 def _demo_config(host=None) -> dict:
     import yaml
 
-    from .benchmark.run import load_config
+    from .benchmark.config import load_config
     from .shipped import hparams_path
 
     path = hparams_path("bench/demo.yaml")  # package data when installed (setup.py), else the checkout's
@@ -53,7 +53,7 @@ def _demo_config(host=None) -> dict:
 
 
 def _run(config, out: str, workers: int = 1) -> None:
-    from .benchmark.run import run_bench
+    from .benchmark.runner import run_bench
 
     start = time.time()
     run_bench(config, out, workers=workers)
@@ -83,7 +83,7 @@ def main(argv=None) -> None:
     elif args.command == "demo":
         _run(_demo_config(args.host), args.out)
     elif args.command == "bench":
-        from .benchmark.run import BenchConfigError, load_config
+        from .benchmark.config import BenchConfigError, load_config
 
         try:
             config = load_config(args.config)

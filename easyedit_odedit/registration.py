@@ -1,21 +1,21 @@
-"""Putting ODEdit into EasyEdit's registries (idempotent; mutates EasyEdit's dicts in place,
-because its editor and trainer hold references to the same dict objects)."""
+"""Putting ODEdit into EasyEdit (idempotent): its apply function and trainable into EasyEdit's
+registries, and its checks, trainer hook and SERAC class where ``compat``'s installer calls them
+(EasyEdit's editor and trainer hold references to the same dict objects, so they are updated in
+place)."""
 from __future__ import annotations
 
 from . import compat
+from .hosts.serac import PluginSERAC
+from .odedit.odedit_main import apply_odedit_to_multimodal_model
+from .trainer import ODEditTrainable, adopt
+from .validation import check_model_fields, validate_edit_call
 
 ALG_NAME, TRAIN_KEY = "ODEdit", "ODEDIT"
 
 
 def register() -> None:
-    from .odedit.odedit_main import apply_odedit_to_multimodal_model
-    from .trainer import ODEditTrainable, adopt
-
-    compat.prepare_host()
-    compat.alg_multimodal_dict()[ALG_NAME] = apply_odedit_to_multimodal_model
-    if compat.flavour() == compat.MAIN:
-        # main restores callables for these algorithms; ODEdit returns a callable RestorePoint.
-        compat.module("editors.utils").CALLABLE_RESTORE_ALGS.add(ALG_NAME)
-    compat.alg_train_dict()[TRAIN_KEY] = ODEditTrainable
-    if adopt not in compat.TRAINER_INIT_HOOKS:
-        compat.TRAINER_INIT_HOOKS.append(adopt)
+    compat.install(compat.Plugin(
+        multimodal_algs={ALG_NAME: apply_odedit_to_multimodal_model}, train_algs={TRAIN_KEY: ODEditTrainable},
+        callable_restore_algs=(ALG_NAME,),  # main restores callables; ODEdit returns a callable RestorePoint
+        check_edit=validate_edit_call, check_model=check_model_fields, trainer_init=[adopt],
+        serac_class=PluginSERAC, alg_name=ALG_NAME))

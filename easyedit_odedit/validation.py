@@ -1,14 +1,14 @@
 """Checks on edit input, run before any weight changes.
 
 * ``validate_edit_call`` checks the arguments of ``MultimodalEditor.edit(...)`` for an ODEdit
-  editor *before EasyEdit touches them* (``compat`` calls it from the scoped ``edit`` wrapper).
+  editor *before EasyEdit touches them* (``compat``'s ``edit`` wrapper calls it: ``registration``).
   EasyEdit itself opens the image paths, asserts list lengths and indexes ``locality_inputs``, so
   bad input otherwise surfaces as a bare AssertionError, KeyError, IndexError or PIL error from
   deep inside EasyEdit.
 * ``check_request`` checks one request dict as ``apply_odedit_to_multimodal_model`` receives it
   (after EasyEdit prepared it, or from a caller that bypasses the editor).
 * ``check_model_fields`` checks an ODEdit config's ``model_name`` and ``name`` before EasyEdit's
-  editor or trainer builds the model (``compat`` calls it from the scoped ``__init__`` wrappers).
+  editor or trainer builds the model (``compat``'s ``__init__`` wrappers call it: ``registration``).
 
 Every failure raises ``ODEditError`` / ``ODEditFileNotFoundError`` naming the field, the value and
 the fix.
@@ -22,8 +22,11 @@ import warnings
 from typing import Dict, Optional, Tuple
 
 import torch
+from PIL import Image
 
+from . import compat
 from .errors import ODEditError, ODEditFileNotFoundError
+from .models.loading import is_plugin_checkpoint
 
 
 # ------------------------------------------------------------------------------------------------
@@ -94,8 +97,6 @@ def validate_edit_call(editor, args, kwargs, method=None) -> Tuple[tuple, dict]:
     ODEdit editor; returns ``(args, kwargs)`` to call the original with, normalised where the
     installed EasyEdit would crash on valid input (PyPI: ``locality_inputs=None``, single-string
     locality fields). Raises ``ODEditError`` / ``ODEditFileNotFoundError`` on bad input."""
-    from . import compat
-
     flavour = compat.flavour()
     method = method or compat.module("editors.multimodal_editor").MultimodalEditor.edit
     signature = inspect.signature(method)  # follows __wrapped__ to EasyEdit's own edit()
@@ -164,8 +165,6 @@ def _check_extras(signature: inspect.Signature, arguments: dict, flavour: str) -
 
 class _CallChecker:
     def __init__(self, editor, flavour: str):
-        from . import compat
-
         self.editor, self.flavour, self.main = editor, flavour, flavour == compat.MAIN
         self.hparams = getattr(editor, "hparams", None)
         self.checked_paths: Dict[str, None] = {}
@@ -291,8 +290,6 @@ class _CallChecker:
             raise ODEditFileNotFoundError(field, resolved, how)
         if not os.path.isfile(resolved):
             raise ODEditError(field, resolved, "give an image file, not a folder", problem="is not a file")
-        from PIL import Image
-
         try:
             with Image.open(resolved) as image:
                 image.verify()  # structure and checksums
@@ -328,8 +325,6 @@ class _CallChecker:
 def check_device(device, flavour: str, field: str = "hparams.device") -> None:
     """A device the installed EasyEdit can use on this machine. On a machine without a GPU, GPU
     indices and ``cuda:N`` are fine: ``compat`` runs EasyEdit's CUDA code on the CPU there."""
-    from . import compat
-
     n_gpu = _gpu_count()
     pypi = flavour == compat.PYPI
     if pypi:
@@ -396,8 +391,6 @@ def check_model_fields(hparams, on_main: bool) -> None:
     its weights for minutes on a machine without a hub, and ODEdit could not edit it anyway); the
     PyPI release has no other path (it fails with an UnboundLocalError); on GitHub main the HF path
     needs the folder to exist."""
-    from .models.loading import is_plugin_checkpoint
-
     model_name, name = getattr(hparams, "model_name", None), getattr(hparams, "name", None)
     if model_name in LAVIS_PATH_NAMES:
         if is_plugin_checkpoint(name):

@@ -22,7 +22,7 @@ import yaml
 import easyedit_odedit  # noqa: F401  (registers ODEdit and ODEDIT in EasyEdit)
 from easyedit_odedit import ODEditHyperParams, compat
 from easyedit_odedit.benchmark.records import write_benchmark
-from easyedit_odedit.benchmark.run import Evaluation
+from easyedit_odedit.benchmark.evaluation import Evaluation
 from easyedit_odedit.hosts.easyedit_native import build_easyedit_hparams
 from easyedit_odedit.hosts.serac import scope_classifier_for
 

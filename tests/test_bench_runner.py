@@ -43,7 +43,7 @@ def bench(tmp_path_factory):
 
 
 def test_outputs_and_fields(bench):
-    from easyedit_odedit.benchmark.run import SeracMethod
+    from easyedit_odedit.benchmark.methods import SeracMethod
 
     out, res = bench
     for name in ("results.json", "results.md", "results.png", "edits.jsonl", "run.json"):
@@ -120,7 +120,7 @@ def test_summary_means_and_paired_differences_are_consistent(bench):
 
 
 def test_bench_config_errors_name_the_problem(tmp_path):
-    from easyedit_odedit.benchmark.run import BenchConfigError, load_config
+    from easyedit_odedit.benchmark.config import BenchConfigError, load_config
 
     with pytest.raises(BenchConfigError, match="hosts"):
         load_config({"seeds": [0]})
@@ -140,7 +140,9 @@ def test_mend_meta_training_is_reproducible(bench, tmp_path):
     so the same seed gives the same archive whatever ran before."""
     import torch
 
-    from easyedit_odedit.benchmark.run import SHIPPED_MODEL, MendMethod, train_meta
+    from easyedit_odedit.benchmark.config import SHIPPED_MODEL
+    from easyedit_odedit.benchmark.meta_training import train_meta
+    from easyedit_odedit.benchmark.methods import MendMethod
 
     out, _ = bench
     with open(out / "data" / "seed3" / "manifest.json") as f:
@@ -167,7 +169,7 @@ def test_extra_items_are_scored_on_the_answer_positions(world):
     from easyeditor import MultimodalEditor
 
     from easyedit_odedit import ODEditHyperParams
-    from easyedit_odedit.benchmark.run import Evaluation
+    from easyedit_odedit.benchmark.evaluation import Evaluation
     from tests.conftest import write_yaml
 
     editor = MultimodalEditor.from_hparams(ODEditHyperParams.from_hparams(write_yaml(world)))
@@ -190,8 +192,9 @@ def test_mend_edit_time_refinement_has_the_same_steps_with_and_without_odedit(be
     """``mend.edit_steps`` refines every MEND edit; ``edit_odedit`` puts MEND+ODEdit's refinement
     under the ODEdit objective (MEND alone: the NLL), never a different number of steps or step
     size (``mend.edit_lr``, default |edit_lr|)."""
-    from easyedit_odedit.benchmark.run import SHIPPED_MODEL, MendMethod
-    from easyedit_odedit.registry import build_host
+    from easyedit_odedit.benchmark.config import SHIPPED_MODEL
+    from easyedit_odedit.benchmark.methods import MendMethod
+    from easyedit_odedit.hosts import build_host
 
     out, _ = bench
     with open(out / "data" / "seed3" / "manifest.json") as f:

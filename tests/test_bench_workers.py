@@ -25,7 +25,9 @@ def rows(out):
 
 def test_jobs_sharing_a_meta_training_stay_together_and_every_job_is_dealt_once():
     from easyedit_odedit.benchmark import parallel
-    from easyedit_odedit.benchmark.run import MetaTrainedMethod, load_config, plan
+    from easyedit_odedit.benchmark.config import load_config
+    from easyedit_odedit.benchmark.methods import MetaTrainedMethod
+    from easyedit_odedit.benchmark.runner import plan
 
     config = load_config(dict(CONFIG, seeds=[3, 4]))
     jobs = plan(config)

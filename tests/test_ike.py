@@ -133,7 +133,7 @@ def test_ike_context_ignores_the_evaluation_fields(world, ike_setup):
     from easyeditor import MultimodalEditor
 
     from easyedit_odedit.benchmark import ike
-    from easyedit_odedit.benchmark.run import Evaluation
+    from easyedit_odedit.benchmark.evaluation import Evaluation
 
     hp, train, _ = ike_setup
     editor = MultimodalEditor.from_hparams(hp)
@@ -153,7 +153,7 @@ def test_ike_context_ignores_the_evaluation_fields(world, ike_setup):
 
 def test_bench_runs_ike_alone(tmp_path):
     """An IKE-only bench on the shipped model: rows, report without a +ODEdit partner, leakage."""
-    from easyedit_odedit.benchmark.run import run_bench
+    from easyedit_odedit.benchmark.runner import run_bench
 
     config = {"name": "ike-tiny", "seeds": [1], "records": {"n_train": 6, "n_test": 2, "pool_images": 40},
               "settings": {"single": {"n": 2}, "sequential": {"T": [2], "chunks": 1}}, "hosts": {},

@@ -9,7 +9,7 @@ from easyedit_odedit.environments import Row
 from easyedit_odedit.models.loading import load_adapter
 from easyedit_odedit.odedit.objective import EditRows, _select, make_prefix_cache
 from easyedit_odedit.prefix_cache import LastModuleCache, PrefixCache
-from easyedit_odedit.registry import build_host
+from easyedit_odedit.hosts import build_host
 from tests.conftest import PROMPT, write_yaml
 
 CASES = {  # host, host_hparams, the cache it gets

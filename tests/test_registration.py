@@ -28,11 +28,11 @@ def test_registering_twice_changes_nothing():
 
 
 def test_cpu_redirect_is_off_outside_easyedit_calls():
-    assert torch.Tensor.to is compat._originals.get("tensor_to", torch.Tensor.to)
+    assert torch.Tensor.to is compat.scopes._originals.get("tensor_to", torch.Tensor.to)
     if not torch.cuda.is_available():
         with compat.cpu_redirect():
             assert torch.zeros(1).to("cuda:0").device.type == "cpu"
-        assert torch.Tensor.to is compat._originals["tensor_to"]
+        assert torch.Tensor.to is compat.scopes._originals["tensor_to"]
 
 
 def test_import_does_not_touch_global_state_beyond_easyedit(tmp_path):

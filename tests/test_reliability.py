@@ -373,7 +373,7 @@ def test_re_embedded_steps_narrower_than_the_pool_edit(world):
     from easyedit_odedit.environments import Row
     from easyedit_odedit.models.loading import load_adapter
     from easyedit_odedit.odedit.objective import EditRows
-    from easyedit_odedit.registry import build_host
+    from easyedit_odedit.hosts import build_host
 
     hp = ODEditHyperParams.from_hparams(write_yaml(world, "FT-V", {"num_steps": 1, "lr": 0.05, "modules": ["projector"]},
                                                    risks={"kl_positions": "all"}))  # every position is read

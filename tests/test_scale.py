@@ -19,7 +19,8 @@ def mini(tmp_path_factory):
     """MiniMMEdit records (8 train, 6 test), an FT-L+ODEdit YAML pointed at them, and the
     one-process reference run of the first N test records."""
     from easyedit_odedit.benchmark.records import write_benchmark
-    from easyedit_odedit.benchmark.run import SHIPPED_MODEL, _point_at_world
+    from easyedit_odedit.benchmark.config import SHIPPED_MODEL
+    from easyedit_odedit.benchmark.methods import _point_at_world
 
     root = tmp_path_factory.mktemp("scale")
     data = write_benchmark(SHIPPED_MODEL, str(root / "data"), n_train=8, n_test=6, seed=0, pool_images=40)

@@ -174,7 +174,7 @@ def test_a_sequence_grows_serac_memory_and_ends_clean(world, tmp_path, classifie
     executor would start from its unedited SERAC each time); its end resets to the archive's SERAC."""
     from easyeditor import MultimodalEditor
 
-    from easyedit_odedit.benchmark.run import SeracMethod
+    from easyedit_odedit.benchmark.methods import SeracMethod
 
     _, _, archive = _train(world, tmp_path, classifier, "SERAC_MULTI")
     host = {k: v for k, v in HOST.items() if k != "alg"}

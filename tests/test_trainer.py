@@ -196,7 +196,7 @@ def test_mend_executor_gives_each_weight_its_own_learned_edit_lr(world, tmp_path
 def test_a_negative_mend_edit_lr_refines_at_its_size(world):
     """MEND's ``edit_lr`` may be negative (EasyEdit adds edit_lr * grad); ODEdit's refinement after
     MEND is a descent, so its default step is the size of it (Adam rejected the negative lr)."""
-    from easyedit_odedit.registry import build_host
+    from easyedit_odedit.hosts import build_host
 
     host = yaml.safe_load(open(os.path.join(ROOT, "hparams/TRAINING/MEND/tiny-host.yaml")))
     host = {k: v for k, v in host.items() if k not in ("alg", "batch_size", "max_iters")}

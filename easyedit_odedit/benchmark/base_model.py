@@ -26,6 +26,7 @@ questions. Validation during training uses train images that are kept out of tra
 from __future__ import annotations
 
 import argparse
+import ast
 import math
 import os
 import random
@@ -37,6 +38,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from ..models.adapter import IGNORE, EmbeddedBatch, token_nll
 from ..models.loading import build_conv_llama, load_adapter, save_adapter
@@ -241,8 +243,6 @@ def seed_everything(seed: int) -> None:
 def train(out: str, steps: int = DEFAULT_STEPS, seed: int = 0, threads: int = 1,
           recipe: Optional[dict] = None, command: Optional[str] = None, progress: bool = True):
     """Train the base model and save it with ``save_adapter``; returns (adapter, accuracy)."""
-    from tqdm import tqdm
-
     torch.set_num_threads(threads)
     recipe = dict(RECIPE, **(recipe or {}))
     seed_everything(seed)
@@ -353,8 +353,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p_eval.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     if args.cmd == "train":
-        import ast
-
         overrides = {}
         for item in args.set:
             key, _, value = item.partition("=")

@@ -25,6 +25,7 @@ record's evaluation fields, and must contain none of the record's evaluation str
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -35,7 +36,9 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from .run import EVALUATION_FIELDS, VQA, Method, Evaluation, e_results, build_editor, agreement, answer_ids
+from .. import compat
+from .evaluation import EVALUATION_FIELDS, VQA, Evaluation, agreement, answer_ids, e_results
+from .methods import Method, build_editor
 
 # EasyEdit's demonstration / in-context format (``New Fact: <prompt> <target>\nPrompt: <question> <answer>``)
 FACT = "New Fact: {prompt} {target}\nPrompt: {question} {answer}\n\n"
@@ -61,10 +64,9 @@ def hashed_ngram_vector(text: str, dim: int = 512, ngram: int = 2) -> torch.Tens
 
 
 def _module_base():
-    from .. import compat
-
     compat.ensure_torchvision_importable()
     try:
+        # sentence-transformers is EasyEdit's dependency, not the plugin's: loaded when IKE runs
         from sentence_transformers.sentence_transformer.modules import Module  # sentence-transformers >= 6
     except ImportError:
         from sentence_transformers.models import Module
@@ -124,8 +126,6 @@ def __getattr__(name):  # sentence-transformers imports ``easyedit_odedit.benchm
 def sentence_model_scope():
     """The scope in which sentence-transformers loads this module from a saved folder
     (``compat.plugin_sentence_modules``: needed from sentence-transformers 6 on)."""
-    from .. import compat
-
     cls = _embedder_class()
     return compat.plugin_sentence_modules({f"{cls.__module__}.{cls.__name__}": cls})
 
@@ -133,7 +133,7 @@ def sentence_model_scope():
 def save_sentence_model(path: str, dim: int = 512, ngram: int = 2) -> str:
     """A sentence-transformers model folder whose module is ``HashedNgramEmbedder``; EasyEdit's
     ``SentenceTransformer(hparams.sentence_model_name)`` loads it offline."""
-    from sentence_transformers import SentenceTransformer
+    from sentence_transformers import SentenceTransformer  # EasyEdit's dependency (see _module_base)
 
     model = SentenceTransformer(modules=[_embedder_class()(dim=dim, ngram=ngram)], device="cpu")
     model.save(path)
@@ -165,7 +165,7 @@ def embedding_path(results_dir: str, task_name: str = TASK_NAME) -> str:
 
 def write_pool(sentence_model: str, sentences: Sequence[str], results_dir: str, task_name: str = TASK_NAME) -> str:
     """Encode the demonstrations with the sentence model and write them where EasyEdit reads them."""
-    from sentence_transformers import SentenceTransformer
+    from sentence_transformers import SentenceTransformer  # EasyEdit's dependency (see _module_base)
 
     with sentence_model_scope():
         model = SentenceTransformer(sentence_model, device="cpu")
@@ -182,10 +182,6 @@ def ike_hparams(model_dir: str, image_root: str, sentence_model: str, results_di
     """EasyEdit's ``IKEMultimodalHyperParams`` for the plugin-loaded model (``model_name: blip2``
     routes to the plugin's loader). The PyPI release requires every field; main defaults most and
     adds a few (``template``, ``exact_match``...), which keep their defaults."""
-    import dataclasses
-
-    from .. import compat
-
     cls = compat.module("models.ike.ike_hparams").IKEMultimodalHyperParams
     values = dict(k=int(k), results_dir=results_dir, device=device, name=model_dir, alg_name="IKE",
                   model_name="blip2", tokenizer_class="PreTrainedTokenizerFast", tokenizer_name=model_dir,
@@ -215,8 +211,6 @@ def prepare(data: Dict[str, str], model_dir: str, results_dir: str, k: int, dim:
 
 def retrieve(hp, train_ds, request: dict) -> List[str]:
     """EasyEdit's ``apply_ike_to_multimodal_model`` for one request: the IKE context."""
-    from .. import compat
-
     apply = compat.alg_multimodal_dict()["IKE"]
     with compat.host_scope(), sentence_model_scope():
         return apply(None, None, request, hp, train_ds=train_ds)
@@ -318,7 +312,7 @@ class IkeMethod(Method):
         agreement on the answer positions), post = the locality question under the IKE context."""
         out = {}
         e = ev.editor
-        with ev.compat.host_scope():
+        with compat.host_scope():
             for key, image_key in (("locality", None), ("multimodal_locality", "multimodal_locality_image")):
                 if f"{key}_prompt" not in request:
                     continue

@@ -1,6 +1,6 @@
 """``odedit bench --workers N``: the bench's jobs spread over N processes, one result.
 
-A job of ``run.plan`` (seed x method x setting x chunk) depends only on its seed's records and, for
+A job of ``runner.plan`` (seed x method x setting x chunk) depends only on its seed's records and, for
 MEND/SERAC, on that seed's meta-training; every edit seeds itself. So jobs can run anywhere, as long
 as the jobs that share a meta-training run in one process (it is trained once, and its folder is
 written by one process). The parent writes every seed's records first, deals the job groups to the
@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Sequence, Tuple
 
 from tqdm.auto import tqdm
 
-from . import run as bench
+from .memory import PeakRSS
+from .methods import MetaTrainedMethod, _quiet_easyedit
 
 WORK = ".workers"  # per-process rows and metadata while the bench runs
 TRAINING_COST = 100  # a meta-training, in edits of the cost model below (a rough guide for the dealing only)
@@ -28,7 +29,7 @@ def job_groups(jobs: Sequence[tuple]) -> List[List[int]]:
     every setting, which reuse its archives and scope classifier); every other job alone."""
     groups: Dict[tuple, List[int]] = {}
     for i, (seed, method, _, _) in enumerate(jobs):
-        key = ("meta", seed, method.section_key) if isinstance(method, bench.MetaTrainedMethod) else ("job", i)
+        key = ("meta", seed, method.section_key) if isinstance(method, MetaTrainedMethod) else ("job", i)
         groups.setdefault(key, []).append(i)
     return list(groups.values())
 
@@ -49,7 +50,7 @@ def deal(config: dict, jobs: Sequence[tuple], workers: int) -> List[List[int]]:
     """Job indices per process: groups longest first, each to the process with the least work."""
     def cost(group: List[int]) -> float:
         training = TRAINING_COST * len({jobs[i][1].training_alg for i in group
-                                        if isinstance(jobs[i][1], bench.MetaTrainedMethod)})
+                                        if isinstance(jobs[i][1], MetaTrainedMethod)})
         return training + sum(_cost(config, jobs[i]) for i in group)
 
     loads: List[Tuple[float, int]] = [(0.0, w) for w in range(workers)]
@@ -61,19 +62,27 @@ def deal(config: dict, jobs: Sequence[tuple], workers: int) -> List[List[int]]:
     return [sorted(share) for share in shares]
 
 
+class JobRunner(NamedTuple):
+    """The one-process runner's functions (``benchmark.runner``), handed in rather than imported so
+    that this module sits below the runner; spawned processes unpickle them by name."""
+    plan: Callable
+    run_jobs: Callable
+    write_seed_data: Callable
+
+
 def run_spread(config: dict, out: str, jobs: Sequence[tuple], meta: Dict[str, Any], workers: int,
-               progress: bool) -> None:
+               progress: bool, runner: JobRunner) -> None:
     """Run ``jobs`` over ``workers`` processes; write ``out/edits.jsonl`` in plan order and fill
     ``meta`` as a run in one process does."""
     import torch.multiprocessing as mp
 
     seeds = sorted({job[0] for job in jobs})
-    data = {seed: bench.write_seed_data(config, out, seed)
+    data = {seed: runner.write_seed_data(config, out, seed)
             for seed in tqdm(seeds, desc="records", disable=not progress)}
     shares = deal(config, jobs, workers)
     folder = os.path.join(out, WORK)
     os.makedirs(folder, exist_ok=True)
-    mp.start_processes(_worker, args=(config, out, shares, data, progress), nprocs=workers, join=True,
+    mp.start_processes(_worker, args=(config, out, shares, data, progress, runner), nprocs=workers, join=True,
                        start_method="spawn")
     rows: List[Tuple[int, int, dict]] = []
     for w in range(workers):
@@ -92,7 +101,7 @@ def run_spread(config: dict, out: str, jobs: Sequence[tuple], meta: Dict[str, An
 
 
 def _worker(w: int, config: dict, out: str, shares: List[List[int]], data: Dict[int, Dict[str, str]],
-            progress: bool) -> None:
+            progress: bool, runner: JobRunner) -> None:
     """One process: its share of the plan, through the same ``run_jobs`` a single process uses."""
     import contextlib
 
@@ -101,8 +110,8 @@ def _worker(w: int, config: dict, out: str, shares: List[List[int]], data: Dict[
     import easyedit_odedit  # noqa: F401  (registers ODEdit in EasyEdit)
 
     torch.set_num_threads(int(config["threads"]))
-    bench._quiet_easyedit()
-    jobs = bench.plan(config)
+    _quiet_easyedit()
+    jobs = runner.plan(config)
     mine = shares[w]
     meta: Dict[str, Any] = {"data": {}}
     with contextlib.chdir(out), open(os.path.join(out, WORK, f"{w}.jsonl"), "w") as sink:
@@ -111,7 +120,7 @@ def _worker(w: int, config: dict, out: str, shares: List[List[int]], data: Dict[
                 sink.write(json.dumps({"job": mine[i], "row": row}) + "\n")
             sink.flush()
 
-        bench.run_jobs(config, out, [jobs[i] for i in mine], write, meta, bench.PeakRSS(), progress, data=data,
+        runner.run_jobs(config, out, [jobs[i] for i in mine], write, meta, PeakRSS(), progress, data=data,
                        desc=f"bench worker {w}", position=w)
     with open(os.path.join(out, WORK, f"{w}.meta.json"), "w") as f:
         json.dump(meta, f, default=str)

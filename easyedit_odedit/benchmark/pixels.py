@@ -15,6 +15,9 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from torchvision import transforms  # importable: the package imports compat (its shim) first
+from torchvision.transforms.functional import InterpolationMode
 
 from .. import compat
 
@@ -29,10 +32,6 @@ def eval_processor(processor: str = "easyedit") -> Callable:
         compat.prepare_host()
         return compat.module("dataset.processor.blip_processors").BlipImageEvalProcessor(image_size=EVAL_SIZE)
     if processor == "torchvision":
-        compat.ensure_torchvision_importable()
-        from torchvision import transforms
-        from torchvision.transforms.functional import InterpolationMode
-
         return transforms.Compose([
             transforms.Resize((EVAL_SIZE, EVAL_SIZE), interpolation=InterpolationMode.BICUBIC),
             transforms.ToTensor(),
@@ -53,8 +52,6 @@ def model_pixels(paths: Sequence[str], image_size: int, processor: str = "easyed
                  chunk: int = 64) -> torch.Tensor:
     """[N, 3, image_size, image_size]: each file through EasyEdit's processor, then the adapter's
     resize. Passing these to the adapter is equivalent to passing the 364-pixel tensors."""
-    from PIL import Image
-
     process = eval_processor(processor)
     out = []
     for start in range(0, len(paths), chunk):

@@ -41,7 +41,9 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..models.loading import load_adapter
 from . import world
+from .pixels import model_pixels
 
 N_EXTRA = 5
 NO_REPEAT_WINDOW = 10
@@ -212,8 +214,6 @@ def copy_images(relpaths: Iterable[str], image_root: str) -> int:
 def model_predictor(adapter, batch_size: int = 128):
     """``predict`` for ``build_records``: the model's greedy first answer token after the VQA
     prompt, on the image as EasyEdit processes it."""
-    from .pixels import model_pixels
-
     sources = {split: world.image_paths(split) for split in world.SPLITS}
 
     def predict(rows: Sequence[Tuple[str, str]]) -> List[str]:
@@ -235,8 +235,6 @@ def model_predictor(adapter, batch_size: int = 128):
 def write_benchmark(model_dir: str, out: str, n_train: int, n_test: int, seed: int,
                     pool_images: int = 2000) -> Dict[str, str]:
     """Write train/test records, the locality pool and the image root; returns their paths."""
-    from ..models.loading import load_adapter
-
     predict = model_predictor(load_adapter(model_dir))
     os.makedirs(out, exist_ok=True)
     image_root = os.path.join(out, "images")

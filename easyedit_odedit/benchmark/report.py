@@ -323,7 +323,7 @@ def markdown(results: Dict[str, Any]) -> str:
 # Figure
 # -------------------------------------------------------------------------------------------------
 def plot(results: Dict[str, Any], path: str) -> None:
-    import matplotlib
+    import matplotlib  # heavy: loaded only when a figure is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

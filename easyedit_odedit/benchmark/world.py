@@ -21,6 +21,8 @@ import re
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import easy_vqa
+
 COLOURS: Tuple[str, ...] = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
 SHAPES: Tuple[str, ...] = ("circle", "rectangle", "triangle")
 YES_NO: Tuple[str, ...] = ("yes", "no")
@@ -198,8 +200,6 @@ def _check_split(split: str) -> None:
 
 @functools.lru_cache(maxsize=None)
 def _raw(split: str):
-    import easy_vqa
-
     _check_split(split)
     texts, answers, image_ids = getattr(easy_vqa, f"get_{split}_questions")()
     paths = getattr(easy_vqa, f"get_{split}_image_paths")()

@@ -7,14 +7,21 @@ with ODEdit differ only in the objective.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
+import typing
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from ..errors import ODEditError
 from ..prefix_cache import decoder_layers
+from ..settings import typed
+from .base import Host, register_host
 
 
 @dataclass
@@ -57,24 +64,45 @@ def _layer_prefixes(model: nn.Module, layers: List[int]) -> List[str]:
     return prefixes
 
 
-class OptimisingHost:
-    """A host that edits by optimising named parameters of the model for a number of steps."""
+class OptimisingHost(Host):
+    """A host that edits by optimising named parameters of the model for a number of steps; its
+    hparams are the plugin's own dataclass (``hparams_class``)."""
 
     family = "optimise"
+    hparams_class: type = FTHyperParams
 
     def __init__(self, hparams):
         self.hparams = hparams
         self.num_steps, self.lr, self.optimizer = hparams.num_steps, hparams.lr, hparams.optimizer
 
-    def prepare(self, model: nn.Module) -> Dict[str, nn.Parameter]:
-        raise NotImplementedError
+    @classmethod
+    def create(cls, hparams) -> "OptimisingHost":
+        return cls(hparams.host_params)
 
-    def finalize(self, model: nn.Module) -> None:
-        """Called after the last step (and on failure): leave the model in its plain structure."""
+    @classmethod
+    def build_hparams(cls, mapping: Dict[str, Any], inherited: Dict[str, Any], where: str):
+        names = {f.name for f in dataclasses.fields(cls.hparams_class)}
+        hints = typing.get_type_hints(cls.hparams_class)
+        values = {}
+        for key, value in mapping.items():
+            if key in names:
+                values[key] = typed(f"{where}: host_hparams.{key}", value, hints[key])
+            elif key not in inherited and key not in ("alg_name", "alg", "model_name", "name", "device"):
+                raise ODEditError(f"{where}: host_hparams.{key}", value,
+                                  f"{cls.name} takes: {', '.join(sorted(names))}", problem="is not a known key")
+        hparams = cls.hparams_class(**values)
+        cls.check_hparams(hparams, where)
+        return hparams
 
-    def touched(self, model: nn.Module) -> List[str]:
-        """Names of the plain-model parameters this host changes (known before the edit)."""
-        raise NotImplementedError
+    @classmethod
+    def check_hparams(cls, hp, where: str) -> None:
+        if not isinstance(getattr(torch.optim, hp.optimizer, None), type):
+            raise ODEditError(f"{where}: host_hparams.optimizer", hp.optimizer,
+                              "name a torch.optim class, e.g. Adam or SGD")
+        if not (math.isfinite(hp.lr) and hp.lr > 0):
+            raise ODEditError(f"{where}: host_hparams.lr", hp.lr, "use a positive learning rate")
+        if hp.num_steps < 0:
+            raise ODEditError(f"{where}: host_hparams.num_steps", hp.num_steps, "use 0 or more steps")
 
 
 def _check_selected(names: List[str], where: str, wanted) -> List[str]:
@@ -86,9 +114,7 @@ def _check_selected(names: List[str], where: str, wanted) -> List[str]:
 
 
 class FineTuneHost(OptimisingHost):
-    def __init__(self, hparams, vision: bool):
-        super().__init__(hparams)
-        self.vision = vision
+    vision = False  # FT-V: the vision side's parameters instead of language-model layers
 
     def touched(self, model: nn.Module) -> List[str]:
         hp = self.hparams
@@ -112,8 +138,29 @@ class FineTuneHost(OptimisingHost):
         return {n: params[n] for n in self.touched(model)}
 
 
+@register_host
+class FineTuneLanguageHost(FineTuneHost):
+    name, aliases, note = "FT-L", ("FT", "FT_L"), "fine-tunes language-model layers"
+
+
+@register_host
+class FineTuneVisionHost(FineTuneHost):
+    name, aliases, note = "FT-V", ("FT_V",), "fine-tunes the vision-language projector"
+    vision = True
+
+
+@register_host
 class LoRAHost(OptimisingHost):
+    name, aliases, note = "LoRA", ("LORA",), "LoRA adapters through peft, merged after the edit"
+    hparams_class = LoRAHyperParams
     ADAPTER = "odedit_lora"
+
+    @classmethod
+    def check_hparams(cls, hp, where: str) -> None:
+        super().check_hparams(hp, where)
+        if hp.rank < 1 or not hp.lora_alpha > 0:
+            raise ODEditError(f"{where}: host_hparams.rank/lora_alpha", (hp.rank, hp.lora_alpha),
+                              "use rank >= 1 and lora_alpha > 0")
 
     def _targets(self, model: nn.Module) -> List[str]:
         prefixes = _layer_prefixes(model, self.hparams.layers)
@@ -126,8 +173,6 @@ class LoRAHost(OptimisingHost):
         return [f"{t}.weight" for t in self._targets(model)]
 
     def prepare(self, model: nn.Module) -> Dict[str, nn.Parameter]:
-        from peft import LoraConfig, inject_adapter_in_model
-
         targets = self._targets(model)
         config = LoraConfig(r=self.hparams.rank, lora_alpha=self.hparams.lora_alpha, lora_dropout=0.0,
                             target_modules=targets)
@@ -137,8 +182,6 @@ class LoRAHost(OptimisingHost):
     def finalize(self, model: nn.Module) -> None:
         """Merge the LoRA update into the base weights and put the plain ``nn.Linear`` back, so the
         edited model has the original structure and restoring is copying tensors."""
-        from peft.tuners.lora import LoraLayer
-
         for name, module in list(model.named_modules()):
             if isinstance(module, LoraLayer):
                 with torch.no_grad():

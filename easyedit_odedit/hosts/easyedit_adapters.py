@@ -20,13 +20,18 @@ from __future__ import annotations
 
 import copy
 import sys
-from typing import Callable, Dict, List, Optional
+from typing import Callable, ClassVar, Dict, List, Optional
 
 import torch
+from peft import LoraConfig
+from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
 
 from .. import compat
 from ..errors import ODEditError
+from ..models.hf_native import _to_pil_list
+from .base import register_host
+from .easyedit_native import EasyEditHost
 
 
 class Snapshot:
@@ -93,8 +98,6 @@ def _native_model(adapter, host: str):
 def _request(view: dict, host: str) -> dict:
     """The request as main's editor builds it for HF models (PIL images), from the edit's own
     fields only."""
-    from ..models.hf_native import _to_pil_list
-
     images = _to_pil_list(view.get("image"))
     if not images:
         raise ODEditError("request image", None, f"give every edit an image: {host} edits image questions")
@@ -102,11 +105,12 @@ def _request(view: dict, host: str) -> dict:
             "image": images[0] if len(images) == 1 else images}
 
 
-class EasyEditAdapterHost:
+class EasyEditAdapterHost(EasyEditHost):
     """Shared by the three: run EasyEdit's apply, find what it added, undo it on restore."""
 
     family = "refine"
     needs_out_rows = False  # True: the host also reads an unrelated prompt from ODEdit's OUT rows
+    lr_field: ClassVar[str] = "edit_lr"  # the host hparams' learning rate, ODEdit's default refinement step
 
     def __init__(self, name: str, alg: str, host_hparams, optimiser, host_lr: float):
         self.name, self.alg, self.hparams = name, alg, host_hparams
@@ -115,6 +119,11 @@ class EasyEditAdapterHost:
         self.optimizer = "Adam"
         self.returned = self.snapshot = None
         self.request: dict = {}
+
+    @classmethod
+    def create(cls, hparams) -> "EasyEditAdapterHost":
+        host_hparams = hparams.host_params
+        return cls(cls.name, cls.easyedit_alg, host_hparams, hparams.optimiser, getattr(host_hparams, cls.lr_field))
 
     # -- before the host -------------------------------------------------------------------
     def touched(self, adapter) -> List[str]:
@@ -194,10 +203,13 @@ class _InnerParamsHost(EasyEditAdapterHost):
         return [value] if isinstance(value, nn.Parameter) else []
 
 
+@register_host
 class WISEHost(_InnerParamsHost):
     """WISE reads an unrelated text prompt with every edit (its activation margin keeps the side
     memory quiet there); it gets the first of ODEdit's own OUT text rows, never a request field."""
 
+    name, note = "WISE", "EasyEdit's WISE; ODEdit refines its side memory"
+    easyedit_alg, editing_hparams = "WISE", "WISEMultimodalHyperParams"
     ATTRIBUTE = "new_weight"
     needs_out_rows = True
 
@@ -250,7 +262,7 @@ class WISEHost(_InnerParamsHost):
         is redone with WISE's own code on the edit's own rows at the refined weights, *replacing*
         this edit's entry (not added: min() would keep the stale one whenever it is smaller, a
         threshold for weights that no longer exist); earlier edits' entries stay as WISE left them."""
-        from easyeditor.models.wise.utils import multimodal_tokenize
+        from easyeditor.models.wise.utils import multimodal_tokenize  # GitHub main only (not in the PyPI release)
 
         before, prior = self._before
         wise.editing_mean_act = prior if wise is before else type(wise.editing_mean_act)()
@@ -261,7 +273,10 @@ class WISEHost(_InnerParamsHost):
         wise.save_editing_activation()
 
 
+@register_host
 class GRACEHost(_InnerParamsHost):
+    name, note = "GRACE", "EasyEdit's GRACE; ODEdit refines its codebook values"
+    easyedit_alg, editing_hparams = "GRACE", "GraceHyperParams"  # main's multimodal GRACE reuses the text class
     ATTRIBUTE = "values"
 
     def enter_refinement(self, model: nn.Module) -> None:
@@ -279,10 +294,14 @@ class GRACEHost(_InnerParamsHost):
             self.module(adapter.hf_model).key_id = key_id
 
 
+@register_host
 class EasyEditLoRAHost(EasyEditAdapterHost):
     """EasyEdit's LoRA wraps the model with ``get_peft_model`` (its adapters stay in the model until
     restore, as with EasyEdit's own editor), switches on gradient checkpointing and input gradients,
     turns the KV cache off and casts the model to float32: restore undoes all of it."""
+
+    name, aliases, note = "EasyEdit-LoRA", ("EASYEDIT-LORA", "EASYEDIT_LORA"), "EasyEdit's LoRA; ODEdit refines its adapters"
+    easyedit_alg, editing_hparams, lr_field = "LoRA", "LoRAMultimodalHyperParams", "lr"
 
     def run_host(self, adapter, tok, view: dict, rows=(), undo: Optional[list] = None) -> None:
         model, _ = _native_model(adapter, self.name)
@@ -293,9 +312,6 @@ class EasyEditLoRAHost(EasyEditAdapterHost):
             model.to(self.dtype)  # ODEdit's rows (embedded before the host) and the user's model keep their dtype
 
     def _check_targets(self, model: nn.Module) -> None:
-        from peft import LoraConfig
-        from peft.tuners.tuners_utils import check_target_module_exists
-
         config = LoraConfig(target_modules=self.hparams.target_modules)
         if not any(check_target_module_exists(config, n) for n, m in model.named_modules() if isinstance(m, nn.Linear)):
             raise ODEditError("host_hparams.target_modules", self.hparams.target_modules,
@@ -323,13 +339,3 @@ class EasyEditLoRAHost(EasyEditAdapterHost):
         if peft_model is None:
             return []
         return [p for n, p in peft_model.named_parameters() if p.requires_grad and "lora_" in n]
-
-
-ADAPTER_HOSTS = {"WISE": (WISEHost, "edit_lr"), "GRACE": (GRACEHost, "edit_lr"), "EasyEdit-LoRA": (EasyEditLoRAHost, "lr")}
-
-
-def build_adapter_host(name: str, host_hparams, optimiser) -> EasyEditAdapterHost:
-    from .easyedit_native import EASYEDIT_HOSTS
-
-    cls, lr_field = ADAPTER_HOSTS[name]
-    return cls(name, EASYEDIT_HOSTS[name][0], host_hparams, optimiser, getattr(host_hparams, lr_field))

@@ -9,31 +9,45 @@ EasyEdit's LoRA are refine hosts too (``easyedit_adapters.py``).
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
-from typing import Any, Dict
+from typing import Any, ClassVar, Dict, Optional
+
+import torch
 
 from .. import compat
-from ..errors import ODEditError
+from ..errors import ODEditError, ODEditFileNotFoundError
+from ..settings import EASYEDIT_FIELDS
+from .base import Host, host_spec, register_host
 
-# host name -> (EasyEdit algorithm key, editing hparams class, training hparams class or None)
-EASYEDIT_HOSTS = {
-    "MEND": ("MEND", "MENDMultimodalHparams", "MENDMultimodalTrainingHparams"),
-    "SERAC": ("SERAC_MULTI", "SERACMultimodalHparams", "SERACMultimodalTrainingHparams"),
-    "WISE": ("WISE", "WISEMultimodalHyperParams", None),
-    "GRACE": ("GRACE", "GraceHyperParams", None),  # main's multimodal GRACE reuses the text class
-    "EasyEdit-LoRA": ("LoRA", "LoRAMultimodalHyperParams", None),
-}
+
+class EasyEditHost(Host):
+    """A host that is one of EasyEdit's own methods: its hparams are EasyEdit's own classes."""
+
+    easyedit_alg: ClassVar[str] = ""                      # EasyEdit's algorithm key
+    editing_hparams: ClassVar[str] = ""                   # EasyEdit's editing hparams class
+    training_hparams: ClassVar[Optional[str]] = None      # its training hparams class, if it trains
+
+    @classmethod
+    def build_hparams(cls, mapping: Dict[str, Any], inherited: Dict[str, Any], where: str):
+        return build_easyedit_hparams(cls.name, mapping, inherited, where)
+
+    @classmethod
+    def create(cls, hparams) -> Host:
+        raise ODEditError("host", hparams.host,
+                          f"{cls.name} with ODEdit is trained with EasyEdit's MultimodalTrainer (alg: ODEdit); "
+                          "to edit, give host_hparams an `archive` (MEND), or use a SERAC archive with "
+                          "EasyEdit's own SERAC hparams", problem="cannot edit per request")
 
 
 def build_easyedit_hparams(host: str, mapping: Dict[str, Any], inherited: Dict[str, Any], where: str):
-    alg, editing, training = EASYEDIT_HOSTS[host]
+    spec = host_spec(host, where)
+    alg, editing, training = spec.easyedit_alg, spec.editing_hparams, spec.training_hparams
     _require_installed(host, alg, where)
     mapping = _as_easyedit_reads_its_yaml(mapping, where)
     cls = getattr(compat.import_easyeditor(), editing if mapping.get("archive") or not training else training)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
-    from ..odedit.odedit_hparams import EASYEDIT_FIELDS
-
     # EasyEdit's defaults < the host's own YAML < model fields given at the ODEdit YAML's top level
     values = {k: v for k, v in {**EASYEDIT_FIELDS, **mapping, **inherited}.items() if k in fields}
     unknown = sorted(set(mapping) - set(fields) - {"alg", "alg_name"})
@@ -60,6 +74,13 @@ def build_easyedit_hparams(host: str, mapping: Dict[str, Any], inherited: Dict[s
     return hparams
 
 
+def easyedit_hosts() -> Dict[str, type]:
+    """The registered hosts that are EasyEdit's own methods, by name (MEND, SERAC, WISE, ...)."""
+    from .base import HOSTS
+
+    return {name: cls for name, cls in HOSTS.items() if issubclass(cls, EasyEditHost)}
+
+
 def _require_installed(host: str, alg: str, where: str) -> None:
     if not compat.has_multimodal_alg(alg):
         raise ODEditError(f"{where}: host", host,
@@ -73,8 +94,6 @@ def _as_easyedit_reads_its_yaml(mapping: Dict[str, Any], where: str) -> Dict[str
     """EasyEdit's own ``from_hparams`` rewrites two YAML keys before building its class (WISE's
     ``act_margin: [alpha, beta, gamma]``, ``dtype: torch.bfloat16``); do the same, so a host's
     EasyEdit YAML can be pasted under ``host_hparams`` as it is."""
-    import torch
-
     mapping = dict(mapping)
     if "act_margin" in mapping:
         margin = mapping.pop("act_margin")
@@ -93,13 +112,16 @@ def _as_easyedit_reads_its_yaml(mapping: Dict[str, Any], where: str) -> Dict[str
 EXECUTORS_ATTRIBUTE = "_odedit_mend_executors"
 
 
-class EasyEditRefineHost:
+@register_host
+class EasyEditRefineHost(EasyEditHost):
     """MEND with a trained archive: EasyEdit's own executor makes the edit (its hypernetwork's
     delta on ``inner_params``), then ODEdit optimises exactly those parameters under its objective
     for ``optimiser.steps`` steps, starting from MEND's solution - or from the weights before it when
     that solution has the higher objective on the edit's rows (``optimiser.refine_start: better``)."""
 
-    family = "refine"
+    name, family = "MEND", "train"
+    note = "EasyEdit's MEND; ODEdit extends its meta-training objective, and with an `archive` refines its edits"
+    easyedit_alg, editing_hparams, training_hparams = "MEND", "MENDMultimodalHparams", "MENDMultimodalTrainingHparams"
     refines_touched = True  # ODEdit refines the very weights the host changed: it can start from before them
 
     def __init__(self, name: str, host_hparams, optimiser):
@@ -109,6 +131,12 @@ class EasyEditRefineHost:
         # negative as often as not after training; ODEdit's refinement descends, at its size
         self.lr = optimiser.lr if optimiser.lr is not None else abs(float(host_hparams.edit_lr))
         self.optimizer = "Adam"
+
+    @classmethod
+    def create(cls, hparams) -> Host:
+        if not getattr(hparams.host_params, "archive", None):
+            return super().create(hparams)  # without an archive MEND is being trained
+        return cls(cls.name, hparams.host_params, hparams.optimiser)
 
     def touched(self, model) -> list:
         names = dict(model.named_parameters())
@@ -132,11 +160,7 @@ class EasyEditRefineHost:
 
     def run_host(self, model, tok, view: dict, rows=(), undo=None) -> None:
         """``rows``/``undo`` are unused: MEND changes existing weights only, which ODEdit's originals cover."""
-        import os
-
         if not os.path.isfile(str(self.hparams.archive)):
-            from ..errors import ODEditFileNotFoundError
-
             raise ODEditFileNotFoundError("host_hparams.archive", self.hparams.archive,
                                           "train MEND first (MultimodalTrainer with alg: MEND or alg: ODEdit) "
                                           "and point archive at results_dir/models/<alg>/<model>")
@@ -158,8 +182,6 @@ class EasyEditRefineHost:
 def _check_archive_matches(path: str, model, inner_params) -> None:
     """A MEND archive holds the config of the model it was trained on and one hypernetwork per
     edited weight shape; loading one trained for another model fails deep inside MEND."""
-    import torch
-
     with compat.host_scope():
         try:
             state = torch.load(path, map_location="cpu", weights_only=False)["model"]
@@ -178,3 +200,11 @@ def _check_archive_matches(path: str, model, inner_params) -> None:
     if trained and wanted and not wanted <= trained:
         raise ODEditError("host_hparams.archive", path, "retrain MEND for these inner_params",
                           problem=f"has hypernetworks for weight shapes {sorted(trained)}, not {sorted(wanted)}")
+
+
+@register_host
+class SERACHost(EasyEditHost):
+    name, aliases, family = "SERAC", ("SERAC_MULTI",), "train"
+    note = "EasyEdit's SERAC_MULTI; ODEdit extends its meta-training objective"
+    easyedit_alg, editing_hparams, training_hparams = ("SERAC_MULTI", "SERACMultimodalHparams",
+                                                       "SERACMultimodalTrainingHparams")

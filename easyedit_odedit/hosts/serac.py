@@ -17,11 +17,12 @@ model's own image tokens (frozen), the matching edit and then the input, left-pa
 model's rows so the answer positions of both line up at the right end.
 
 ``compat`` routes EasyEdit's ``SERAC_MULTI(...)`` calls (its trainer, its executor, and
-``SERAC_MULTI.edit`` itself) here when the model is a plugin model; EasyEdit's own models keep
-EasyEdit's class.
+``SERAC_MULTI.edit`` itself) to ``PluginSERAC`` when the model is a plugin model (``registration``
+hands it the class); EasyEdit's own models keep EasyEdit's class.
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import os
 from typing import List
@@ -178,13 +179,6 @@ def _check_scope_classifier(cls_name) -> None:
         raise ODEditFileNotFoundError("host_hparams.cls_name", cls_name, fix)
 
 
-def serac_multi(model, config, *args, **kwargs):
-    """What EasyEdit's ``SERAC_MULTI(...)`` builds: ``PluginSERAC`` on a plugin model, EasyEdit's
-    own class on EasyEdit's models."""
-    cls = PluginSERAC if isinstance(model, MultimodalLMAdapter) else SERAC_MULTI
-    return cls(model, config, *args, **kwargs)
-
-
 # -- a scope classifier for a model whose tokenizer BERT has never seen ---------------------------
 SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
@@ -226,8 +220,6 @@ def scope_classifier_for(model_dir: str, folder: str, seed: int = 0) -> str:
 def main(argv=None) -> None:
     """``python -m easyedit_odedit.hosts.serac --classifier MODEL_DIR FOLDER``: write the small scope
     classifier for a model saved in MODEL_DIR (``scope_classifier_for``) and print its folder."""
-    import argparse
-
     parser = argparse.ArgumentParser(prog="python -m easyedit_odedit.hosts.serac", description=main.__doc__)
     parser.add_argument("--classifier", nargs=2, metavar=("MODEL_DIR", "FOLDER"), required=True,
                         help="FOLDER's name must contain 'bert' (SERAC's cls_name)")

@@ -58,8 +58,11 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
+from transformers import AutoProcessor
 
+from ..errors import ODEditError
 from ..prefix_cache import decoder_layers
 from .adapter import IGNORE, EmbeddedBatch, MultimodalLMAdapter
 
@@ -91,10 +94,6 @@ def view_for(model: nn.Module, processor=None) -> "HFNativeView":
 
 
 def _load_processor(model):
-    from transformers import AutoProcessor
-
-    from ..errors import ODEditError
-
     path = getattr(model.config, "_name_or_path", "") or getattr(model, "name_or_path", "")
     if not path or not os.path.isdir(path):
         raise ODEditError("model.config._name_or_path", path,
@@ -298,8 +297,6 @@ class HFNativeView(MultimodalLMAdapter):
         holds only the image. Images are first resized to ``feature_size`` x ``feature_size``, so
         every image gives the same N (these models' token counts follow the image size, and ODEdit
         compares the features of images of different sizes)."""
-        from PIL import Image
-
         images = images if images.dim() == 4 else images.unsqueeze(0)
         size = (self.feature_size, self.feature_size)
         feats = []
@@ -328,8 +325,6 @@ def _images_per_row(images, n: int) -> list:
 
 
 def _to_pil_list(image) -> list:
-    from PIL import Image
-
     if image is None:
         return []
     if isinstance(image, (list, tuple)):
@@ -369,8 +364,6 @@ class TensorImageLoader:
         self.max_side = max_side
 
     def __call__(self, file, file_type: str = "image"):
-        from PIL import Image
-
         if file_type not in ("image", "single-image"):
             raise ValueError(f"TensorImageLoader reads single images, not {file_type!r}")
         with Image.open(file) as image:

@@ -26,9 +26,9 @@ from safetensors.torch import load_file, save_file
 from ..errors import ODEditError, ODEditFileNotFoundError
 from .adapter import MultimodalLMAdapter
 from .encoders import Blip2ImageEncoder, ConvGridEncoder, LlavaImageEncoder
+from .manifest import MANIFEST, WEIGHTS
+from .minigpt4 import load_minigpt4
 
-MANIFEST = "odedit_model.json"
-WEIGHTS = "model.safetensors"
 HF_ARCHITECTURES = {"llava": "LlavaForConditionalGeneration", "blip-2": "Blip2ForConditionalGeneration"}
 
 
@@ -90,8 +90,6 @@ def load_adapter(path: str) -> MultimodalLMAdapter:
     with open(os.path.join(path, MANIFEST)) as f:
         manifest = json.load(f)
     if manifest.get("architecture") == "minigpt4":
-        from .minigpt4 import load_minigpt4
-
         return load_minigpt4(path, manifest)
     return _load_conv_llama(path, manifest)
 

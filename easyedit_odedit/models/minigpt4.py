@@ -35,7 +35,7 @@ from torch import nn
 from ..errors import ODEditError, ODEditFileNotFoundError
 from .adapter import MultimodalLMAdapter
 from .encoders import MiniGPT4ImageEncoder
-from .loading import MANIFEST
+from .manifest import MANIFEST
 
 LOG = logging.getLogger(__name__)
 

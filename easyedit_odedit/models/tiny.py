@@ -7,6 +7,7 @@ from typing import Iterable
 import torch
 import transformers
 
+from . import minigpt4
 from .loading import build_conv_llama, save_adapter
 from .tokenizer import build_word_tokenizer
 
@@ -183,8 +184,6 @@ def save_tiny_minigpt4(path: str, seed: int = 0, layers: int = 4) -> str:
     """A plugin MiniGPT-4 folder over tiny random files in EasyEdit's MiniGPT-4 formats (EVA ViT
     state, Q-Former and ``llama_proj`` checkpoints, a Llama folder). The ViT's files hold 28-pixel
     position tables and the model runs at 42 pixels, so loading interpolates them as EasyEdit does."""
-    from . import minigpt4
-
     torch.manual_seed(seed)
     tokenizer = tiny_tokenizer()
     text = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,

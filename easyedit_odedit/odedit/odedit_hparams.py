@@ -28,6 +28,8 @@ from typing import Any, Dict, List, Optional, Union
 import yaml
 
 from ..errors import ODEditError, ODEditFileNotFoundError
+from ..hosts import HOSTS, host_spec
+from ..settings import EASYEDIT_FIELDS, typed
 
 
 @dataclass
@@ -130,16 +132,6 @@ PRESETS: Dict[str, Dict[str, Dict[str, Any]]] = {
                 "risks": {"loc_weight": 20.0}},
 }
 
-# What EasyEdit's editor, evaluators and datasets read, with neutral defaults.
-EASYEDIT_FIELDS: Dict[str, Any] = dict(
-    model_name=None, name=None, tokenizer_class="PreTrainedTokenizerFast", tokenizer_name=None,
-    device=0, dtype=None, model_class=None, state_dict_file=None, qformer_name_or_path=None,
-    qformer_checkpoint=None, pretrained_ckpt=None, coco_image="", rephrase_image="",
-    exact_match=False, model_parallel=False, max_length=32, batch_size=1, results_dir="./results",
-    file_type="image", seed=42,
-)
-
-
 @dataclass
 class ODEditHyperParams:
     host: str
@@ -155,7 +147,7 @@ class ODEditHyperParams:
     constraints: ConstraintSettings = field(default_factory=ConstraintSettings)
     easyedit: Dict[str, Any] = field(default_factory=dict)
     source_path: Optional[str] = None
-    host_params: Any = None  # the host's own hparams object, built by the registry
+    host_params: Any = None  # the host's own hparams object, built by its host class
 
     # -- loading -----------------------------------------------------------------------------
     @classmethod
@@ -166,8 +158,6 @@ class ODEditHyperParams:
 
     @classmethod
     def from_dict(cls, config: Dict[str, Any], source_path: Optional[str] = None) -> "ODEditHyperParams":
-        from ..registry import HOSTS, build_host_hparams, host_spec
-
         config = dict(config)
         where = os.path.basename(source_path) if source_path else "hparams"
         alg_name = config.pop("alg_name", "ODEdit")
@@ -177,7 +167,7 @@ class ODEditHyperParams:
         if "host" not in config:
             raise ODEditError(f"{where}: host", None, "add `host:` naming the method ODEdit decorates "
                               f"({', '.join(HOSTS)})", problem="is missing")
-        host = _typed(f"{where}: host", config.pop("host"), str)
+        host = typed(f"{where}: host", config.pop("host"), str)
         spec = host_spec(host, where)
         preset = _preset(where, config.pop("preset", None))
         sections = {}
@@ -192,7 +182,7 @@ class ODEditHyperParams:
                               "e.g. ['Question: what color is it? Short answer:', 'Question: what is it? Short answer:']",
                               problem="is empty, and preset: content needs them")
         host_raw = config.pop("host_hparams", {})
-        flags = {k: _typed(f"{where}: {k}", config.pop(k), bool) for k in ("enabled", "progress") if k in config}
+        flags = {k: typed(f"{where}: {k}", config.pop(k), bool) for k in ("enabled", "progress") if k in config}
         easyedit = {}
         for key in list(config):
             if key not in EASYEDIT_FIELDS:
@@ -204,7 +194,7 @@ class ODEditHyperParams:
         host_mapping = _host_mapping(f"{where}: host_hparams", host_raw, base_dir)
         hp = cls(host=spec.name, host_hparams=host_raw, easyedit=easyedit, source_path=source_path,
                  **flags, **sections)
-        hp.host_params = build_host_hparams(spec, host_mapping, _inherited(easyedit), where)
+        hp.host_params = spec.build_hparams(host_mapping, _inherited(easyedit), where)
         _validate_settings(hp, where)
         return hp
 
@@ -235,9 +225,7 @@ class ODEditHyperParams:
     @property
     def host_params_alg(self) -> str:
         """The host's key in EasyEdit's ALG_TRAIN_DICT (MEND, SERAC_MULTI)."""
-        from ..hosts.easyedit_native import EASYEDIT_HOSTS
-
-        return EASYEDIT_HOSTS[self.host][0]
+        return host_spec(self.host).easyedit_alg
 
     def to_dict(self) -> Dict[str, Any]:
         out = {"alg_name": self.alg_name, "host": self.host, "host_hparams": self.host_hparams}
@@ -311,55 +299,8 @@ def _build_section(where: str, section_cls, raw) -> Any:
         if key not in fields:
             raise ODEditError(f"{where}.{key}", value, f"use one of: {', '.join(fields)}",
                               problem="is not a known key")
-        values[key] = _typed(f"{where}.{key}", value, hints[key])
+        values[key] = typed(f"{where}.{key}", value, hints[key])
     return section_cls(**values)
-
-
-def _typed(where: str, value, hint):
-    """Check a YAML value against a simple type hint; accept "1e-3" strings for floats."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin is Union:
-        if value is None and type(None) in args:
-            return None
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _typed(where, value, arg)
-            except ODEditError:
-                continue
-        raise ODEditError(where, value, f"give a value of type {_hint_name(hint)}", problem="has the wrong type")
-    if origin in (list, List):
-        if not isinstance(value, list):
-            raise ODEditError(where, value, f"give a YAML list of {_hint_name(args[0])}", problem="has the wrong type")
-        return [_typed(f"{where}[{i}]", v, args[0]) for i, v in enumerate(value)]
-    if hint is float:
-        if isinstance(value, bool):
-            raise ODEditError(where, value, "give a number", problem="has the wrong type")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ODEditError(where, value, "give a number, e.g. 0.001 or 1e-3", problem="has the wrong type")
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ODEditError(where, value, "give a whole number", problem="has the wrong type")
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        raise ODEditError(where, value, "give true or false", problem="has the wrong type")
-    if hint is str:
-        if isinstance(value, str):
-            return value
-        raise ODEditError(where, value, "give a string", problem="has the wrong type")
-    return value
-
-
-def _hint_name(hint) -> str:
-    return getattr(hint, "__name__", str(hint).replace("typing.", ""))
 
 
 _CHOICES = {("risks", "kl_direction"): ("post_pre", "pre_post"),

@@ -19,9 +19,9 @@ from tqdm.auto import tqdm
 from .. import compat
 from ..environments import EnvironmentBuilder, EnvironmentSampler, Row, edit_view, past_edit
 from ..errors import ODEditError
-from ..pool_index import Probes, index_for
+from ..hosts import build_host
 from ..models.adapter import MultimodalLMAdapter
-from ..registry import build_host
+from ..pool_index import Probes, index_for
 from ..validation import check_request
 from .objective import EditRows, ODEditObjective, make_prefix_cache
 

@@ -89,7 +89,7 @@ def load_hparams(path: str, device=None):
     ``alg_name`` (the classes the plugin's host registry names). ``device``: torchrun's per-process
     device, replacing the YAML's."""
     from .. import compat
-    from ..hosts.easyedit_native import EASYEDIT_HOSTS, _require_installed
+    from ..hosts.easyedit_native import _require_installed, easyedit_hosts
     from ..odedit.odedit_hparams import ODEditHyperParams
 
     with open(path) as f:
@@ -102,7 +102,7 @@ def load_hparams(path: str, device=None):
             config["device"] = device
         hparams = ODEditHyperParams.from_dict(config, source_path=path)
     else:
-        by_alg = {key: (host, cls) for host, (key, cls, _) in EASYEDIT_HOSTS.items()}
+        by_alg = {h.easyedit_alg: (name, h.editing_hparams) for name, h in easyedit_hosts().items()}
         by_alg["SERAC"] = by_alg["SERAC_MULTI"]
         if alg not in by_alg:
             raise ODEditError(f"--hparams {path}: alg_name", alg, "use ODEdit, or EasyEdit's multimodal "
@@ -129,7 +129,8 @@ class EditSession:
 
     def __init__(self, options: EditOptions, hparams):
         from .. import compat
-        from ..benchmark.run import Evaluation, build_editor
+        from ..benchmark.evaluation import Evaluation
+        from ..benchmark.methods import build_editor
         from ..models import hf_native
 
         self.options, self.hparams, self.compat = options, hparams, compat
@@ -234,7 +235,7 @@ class EditSession:
 
     @staticmethod
     def _row(record: int, position: int, length: int, pre: dict, post: dict, seconds: float) -> dict:
-        from ..benchmark.run import agreement
+        from ..benchmark.evaluation import agreement
 
         post = dict(post)
         for key in LOCALITY:
@@ -378,7 +379,7 @@ def _edit_shard(options, hparams, workers: Workers, mine, records, out: str, pro
 def summarise(options: EditOptions, fingerprint: dict, records: Dict[int, dict], rows: List[dict],
               workers: Workers, this_run: dict) -> dict:
     from .. import compat
-    from ..benchmark.run import versions
+    from ..benchmark.versions import versions
 
     means = {}
     for phase in ("pre", "post"):

@@ -183,7 +183,7 @@ def _stepped_parameters(trainer) -> list:
 def load_training_hparams(options: TrainOptions, workers: Workers):
     """ODEdit's training YAML (``alg_name: ODEdit``), or EasyEdit's own MEND / SERAC training YAML."""
     from .. import compat
-    from ..hosts.easyedit_native import EASYEDIT_HOSTS
+    from ..hosts.easyedit_native import easyedit_hosts
     from ..odedit.odedit_hparams import ODEditHyperParams
 
     with open(options.hparams) as f:
@@ -196,7 +196,7 @@ def load_training_hparams(options: TrainOptions, workers: Workers):
     if config.get("alg_name") == "ODEdit":
         return ODEditHyperParams.from_dict({**config, **fields}, source_path=options.hparams)
     alg = config.get("alg") or config.get("alg_name")
-    classes = {key: cls for key, _, cls in EASYEDIT_HOSTS.values() if cls}
+    classes = {h.easyedit_alg: h.training_hparams for h in easyedit_hosts().values() if h.training_hparams}
     classes["SERAC"] = classes["SERAC_MULTI"]
     if alg not in classes:
         raise ODEditError(f"--hparams {options.hparams}: alg", alg, f"use ODEdit (alg_name), or EasyEdit's "
