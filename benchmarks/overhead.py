@@ -58,9 +58,9 @@ def minimmedit_world(root: str, n_edits: int) -> tuple:
 def edit_views(edits, device, dtype=None) -> list:
     """The edits with their images processed as EasyEdit processes request images."""
     from easyedit_odedit import compat
-    from easyedit_odedit.odedit import odedit_main
+    from easyedit_odedit.odedit.rows import image_processor
 
-    processor = odedit_main._image_processor(None)
+    processor = image_processor(None)
     return [dict(e, image=compat.process_image_file(processor, e["image"]).to(device=device, dtype=dtype))
             for e in edits]
 
@@ -211,8 +211,9 @@ def time_edits(adapter, hp, views):
     """Seconds and set-up seconds of each edit of ``views`` after the first (a warm-up, not
     counted). Each edit is restored, also after an error such as running out of GPU memory, so the
     next starts from the same weights."""
-    from easyedit_odedit.odedit import odedit_main
     from easyedit_odedit.hosts import build_host
+    from easyedit_odedit.odedit import odedit_main
+    from easyedit_odedit.odedit.restore import RestorePoint
 
     times, setup = [], []
     for i, view in enumerate(views):
@@ -225,7 +226,7 @@ def time_edits(adapter, hp, views):
             elapsed = time.perf_counter() - start
         finally:
             timed.restore()
-            odedit_main._copy_back(adapter, originals)
+            RestorePoint(adapter, originals)()
         if i > 0:
             times.append(elapsed)
     return times, setup
