@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import statistics
 import sys
@@ -119,6 +120,10 @@ def compare(name, adapter, base_config, data, steps, views):
     print(f"ratios: time x{odedit_s / host_s:.2f} (x{odedit_s / whole_s:.2f} against the host running the whole "
           f"model each step), memory x{odedit_mem / host_mem:.2f}, ODEdit's own terms x{odedit_s / plain_s:.2f} "
           "(against the batched NLL step)")
+    odedit_setup = rows["host+ODEdit"][1]
+    return {"s_edit": odedit_s, "host_s_edit": host_s, "x_time": odedit_s / host_s, "x_time_whole_model": odedit_s / whole_s,
+            "x_memory": odedit_mem / host_mem, "own_terms_edit": odedit_s / plain_s, "peak_gib": odedit_mem,
+            "setup_share": odedit_setup / odedit_s}
 
 
 def big_llava(layers: int):
@@ -132,7 +137,9 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--big", action="store_true")
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--json", action="store_true", help="end with one JSON line: the figures of every comparison")
     args = parser.parse_args()
+    figures = {}
     print(f"torch {torch.__version__}, CUDA {CUDA} ({torch.cuda.get_device_name(0) if CUDA else 'cpu'}), "
           f"easyeditor flavour {compat.flavour()}")
     data, records, edits = minimmedit_world(tempfile.mkdtemp(), 5)
@@ -142,7 +149,7 @@ def main():
     small_ft_l = host_config("FT-L")
     check_editor(small_ft_l, data, records)
     small = load_adapter(SHIPPED).to(DEVICE)
-    compare("small", small, small_ft_l, data, args.steps, edit_views(edits, DEVICE))
+    figures["small"] = compare("small", small, small_ft_l, data, args.steps, edit_views(edits, DEVICE))
     if args.big:
         del small
         start = time.time()
@@ -151,7 +158,10 @@ def main():
         views = edit_views(edits, DEVICE, torch.bfloat16 if CUDA else torch.float32)
         with contents_judged_distinct():  # random weights: the trained model's rows (overhead.py)
             for name in LLAVA_HOSTS:
-                compare(f"big {name}", big, host_config(name, llava=True), data, args.steps, views)
+                figures[f"big {name}"] = compare(f"big {name}", big, host_config(name, llava=True), data, args.steps, views)
+    if args.json:
+        print(json.dumps({"device": torch.cuda.get_device_name(0) if CUDA else "cpu", "steps": args.steps,
+                          "comparisons": figures}))
 
 
 if __name__ == "__main__":

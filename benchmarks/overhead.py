@@ -58,9 +58,9 @@ def minimmedit_world(root: str, n_edits: int) -> tuple:
 def edit_views(edits, device, dtype=None) -> list:
     """The edits with their images processed as EasyEdit processes request images."""
     from easyedit_odedit import compat
-    from easyedit_odedit.odedit import odedit_main
+    from easyedit_odedit.odedit.rows import image_processor
 
-    processor = odedit_main._image_processor(None)
+    processor = image_processor(None)
     return [dict(e, image=compat.process_image_file(processor, e["image"]).to(device=device, dtype=dtype))
             for e in edits]
 
@@ -89,8 +89,9 @@ def world_hparams(config: dict, data: dict, model_dir: str, steps: int, enabled:
 
 
 def mode_hparams(mode: str, args, data: dict):
+    preset = {"preset": args.preset} if getattr(args, "preset", "") else {}
     return world_hparams(host_config(args.host, llava=bool(args.shape)), data, args.model or SHIPPED, args.steps,
-                         enabled=mode != "host", optimiser={"cache_prefix": mode != "odedit_nocache"})
+                         enabled=mode != "host", optimiser={"cache_prefix": mode != "odedit_nocache"}, **preset)
 
 
 # random-weight LLaVA shapes: CLIP vision tower + projector + Llama, 32k vocabulary
@@ -199,36 +200,38 @@ def run_mode(mode: str, args) -> dict:
         torch.cuda.reset_peak_memory_stats()
     with (batched_nll_steps() if mode == "batched_nll" else contextlib.nullcontext(),
           contents_judged_distinct() if args.shape else contextlib.nullcontext()):
-        times, setup = time_edits(adapter, hp, views)
+        times, setup, steps = time_edits(adapter, hp, views)
     peak = (torch.cuda.max_memory_allocated() / 2 ** 20 if args.device.startswith("cuda")
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return {"mode": mode, "seconds": statistics.median(times), "setup": statistics.median(setup) if setup else 0.0,
-            "step": statistics.median((t - s) / max(args.steps, 1) for t, s in zip(times, setup)),
-            "peak_mb": peak, "params": sum(p.numel() for p in adapter.parameters())}
+            "step": statistics.median((t - s) / max(n, 1) for t, s, n in zip(times, setup, steps)),
+            "steps": statistics.mean(steps), "peak_mb": peak, "params": sum(p.numel() for p in adapter.parameters())}
 
 
 def time_edits(adapter, hp, views):
     """Seconds and set-up seconds of each edit of ``views`` after the first (a warm-up, not
     counted). Each edit is restored, also after an error such as running out of GPU memory, so the
     next starts from the same weights."""
-    from easyedit_odedit.odedit import odedit_main
     from easyedit_odedit.hosts import build_host
+    from easyedit_odedit.odedit import odedit_main
+    from easyedit_odedit.odedit.restore import RestorePoint
 
-    times, setup = [], []
+    times, setup, steps = [], [], []
     for i, view in enumerate(views):
         originals = {}
         start = time.perf_counter()
         timed = _timed_setup(setup, record=i > 0)
         try:
-            odedit_main.edit_once(adapter, view, hp, build_host(hp), originals)
+            logs = odedit_main.edit_once(adapter, view, hp, build_host(hp), originals)
             _synchronize()
             elapsed = time.perf_counter() - start
         finally:
             timed.restore()
-            odedit_main._copy_back(adapter, originals)
+            RestorePoint(adapter, originals)()
         if i > 0:
             times.append(elapsed)
-    return times, setup
+            steps.append(int(logs.get("steps", hp.host_params.num_steps)))
+    return times, setup, steps
 
 
 class _timed_setup:
@@ -276,7 +279,8 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
-    parser.add_argument("--json", default="")
+    parser.add_argument("--preset", default="", choices=["", "paper", "content"], help="ODEdit's preset (default: the YAML's)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object (the figures below) instead of tables")
     args = parser.parse_args(argv)
     if args.mode:
         print(json.dumps(run_mode(args.mode, args)))
@@ -291,24 +295,38 @@ def main(argv=None) -> None:
             cmd += ["--model", args.model]
         if args.shape:
             cmd += ["--shape", args.shape]
+        if args.preset:
+            cmd += ["--preset", args.preset]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
-    host = results["host"]
+    summary = ratios(results)
+    if args.json:
+        print(json.dumps({"model": args.shape or "shipped", "host": args.host, "preset": args.preset or "yaml",
+                          "host_steps": args.steps, "edits": args.edits, "device": args.device, **summary,
+                          "modes": results}))
+        return
     settings = LLAVA_HOSTS[args.host] if args.shape else f"hparams/ODEdit/{YAMLS[args.host]}"
     print(f"\n{args.shape or 'shipped'} model, host {args.host} ({settings}), {args.steps} steps, "
           f"{results['host']['params']:,} parameters, device {args.device}, {args.threads} thread(s), "
           f"median of {args.edits} MiniMMEdit edits\n")
-    print("| mode | s / edit | of which set-up | ms / step (the rest / steps) | x host time | peak MB | x host memory |")
-    print("|---|---|---|---|---|---|---|")
+    print("| mode | s / edit | of which set-up | steps | ms / step (the rest / steps) | x host time | peak MB | x host memory |")
+    print("|---|---|---|---|---|---|---|---|")
+    host = results["host"]
     for mode, r in results.items():
-        print(f"| {mode} | {r['seconds']:.3f} | {r['setup']:.3f} | {r['step'] * 1e3:.2f} | "
+        print(f"| {mode} | {r['seconds']:.3f} | {r['setup']:.3f} | {r['steps']:.1f} | {r['step'] * 1e3:.2f} | "
               f"{r['seconds'] / host['seconds']:.2f} | {r['peak_mb']:.0f} | {r['peak_mb'] / host['peak_mb']:.2f} |")
-    odedit, plain = results["odedit"], results["batched_nll"]
     print(f"\nODEdit's own terms (KL, MMD, TV, lambda) vs a plain batched step over the same rows: "
-          f"x{odedit['seconds'] / plain['seconds']:.2f} a whole edit, x{odedit['step'] / plain['step']:.2f} a step")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+          f"x{summary['own_terms_edit']:.2f} a whole edit, x{summary['own_terms_step']:.2f} a step; "
+          f"set-up {summary['setup_share']:.0%} of an ODEdit edit")
+
+
+def ratios(results: dict) -> dict:
+    """The figures the cost targets are stated in: ODEdit against the host (time, memory), its own
+    terms against a plain batched step over the same rows, and the set-up's share of its edit."""
+    host, odedit, plain = results["host"], results["odedit"], results["batched_nll"]
+    return {"x_time": odedit["seconds"] / host["seconds"], "x_memory": odedit["peak_mb"] / host["peak_mb"],
+            "own_terms_step": odedit["step"] / plain["step"], "own_terms_edit": odedit["seconds"] / plain["seconds"],
+            "setup_share": odedit["setup"] / odedit["seconds"], "steps": odedit["steps"]}
 
 
 if __name__ == "__main__":

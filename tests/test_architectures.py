@@ -28,7 +28,8 @@ from easyedit_odedit import ODEditHyperParams, compat, restore_all
 from easyedit_odedit.hosts import HOSTS
 from easyedit_odedit.hosts.easyedit_adapters import EasyEditAdapterHost
 from easyedit_odedit.models.tiny import save_tiny_arch
-from easyedit_odedit.odedit.odedit_main import _unwrap, apply_odedit_to_multimodal_model
+from easyedit_odedit.odedit.odedit_main import apply_odedit_to_multimodal_model
+from easyedit_odedit.odedit.restore import unwrap
 from tests.conftest import MAIN_ONLY_ARCHS, TINY_ARCHS, edit_kwargs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -106,7 +107,7 @@ def spy_on_apply(editor) -> dict:
 
     def spied(model, tok, requests, hparams, **kw):
         edited, restore = apply(model, tok, requests, hparams, **kw)
-        params = dict(_unwrap(model).named_parameters())
+        params = dict(unwrap(model).named_parameters())
         seen["touched"] = sorted(restore)
         seen["changed"] = sorted(n for n, v in restore.items() if not torch.equal(params[n], v))
         return edited, restore
@@ -208,7 +209,7 @@ def test_view_names_and_decoder(tiny_model, arch):
     assert names == {("image_encoder." if any(n == r or n.startswith(r + ".") for r in view.vision_roots)
                       else "language_model.") + n for n, _ in model.named_parameters()}
     assert decoder_layers(view.language_model)[0] == "model.language_model.layers"
-    assert _unwrap(model) is view  # cached: sequential edits share one history
+    assert unwrap(model) is view  # cached: sequential edits share one history
 
 
 @main_only
@@ -272,7 +273,7 @@ def test_restore_all_accepts_the_raw_native_model(world, tiny_model):
     try:
         assert restore_all(editor.model) > 0
     finally:
-        restore_all(_unwrap(editor.model))
+        restore_all(unwrap(editor.model))
 
 
 def test_a_float16_checkpoint_is_loaded_for_editing(tmp_path):

@@ -1,5 +1,7 @@
 """The prepared GPU check runs as one command when a GPU session comes; on a CPU it runs the same
 code with small stand-ins. Run it here so it cannot rot between GPU sessions."""
+import json
+import math
 import os
 import re
 import subprocess
@@ -12,7 +14,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_gpu_check_runs_every_host_on_the_cpu_stand_in():
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_check.py"), "--big", "--steps", "1"],
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_check.py"), "--big", "--steps", "1",
+                          "--json"],
                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     text = out.stdout
@@ -31,17 +34,21 @@ def test_gpu_check_runs_every_host_on_the_cpu_stand_in():
         # time, time against the whole-model host, own terms; memory too on a GPU (nan on a CPU)
         assert len(ratios_printed) == (4 if torch.cuda.is_available() else 3), line
         assert all(r > 0 for r in ratios_printed), line
+    figures = json.loads(text.strip().splitlines()[-1])["comparisons"]  # --json: the same figures, one line
+    assert set(figures) == {"small", "big FT-L", "big FT-L top-2", "big LoRA", "big FT-V"}
+    assert all(f["x_time"] > 0 and 0 < f["setup_share"] < 1 for f in figures.values())
 
 
-def test_overhead_runs_every_mode_and_prints_the_ratios():
+def test_overhead_runs_every_mode_and_prints_the_figures_as_json():
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "overhead.py"), "--edits", "1", "--steps", "2"],
-                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "overhead.py"), "--edits", "1", "--steps", "2",
+                          "--json"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
-    rows = {line.split("|")[1].strip(): line for line in out.stdout.splitlines() if line.startswith("| ")}
-    assert {"host", "batched_nll", "odedit", "odedit_nocache"} <= set(rows)
-    own = re.search(r"same rows: x(\d+\.\d+) a whole edit, x(\d+\.\d+) a step", out.stdout)
-    assert own and float(own.group(1)) > 0 and float(own.group(2)) > 0
+    figures = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(figures["modes"]) == {"host", "batched_nll", "odedit", "odedit_nocache"}
+    for key in ("x_time", "x_memory", "own_terms_step", "own_terms_edit", "setup_share"):
+        assert math.isfinite(figures[key]) and figures[key] > 0, key
+    assert figures["steps"] == 2 and figures["modes"]["host"]["steps"] == 2  # fixed steps: the host's
 
 
 def test_overhead_edits_build_the_rows_they_build_in_the_bench(tmp_path):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from easyeditor import MultimodalEditor
 
-from easyedit_odedit import ODEditError, ODEditHyperParams, pool_index
+from easyedit_odedit import ODEditError, ODEditHyperParams, pool_index, restore_all
 from easyedit_odedit.environments import ContentMiner, EnvironmentSampler, Row, same_answer
 from easyedit_odedit.odedit import objective as objective_module
 from easyedit_odedit.odedit import odedit_main
@@ -130,7 +130,7 @@ def test_content_rows_and_weights_do_not_depend_on_evaluation_fields(world, monk
         editor.edit(**edit_kwargs(world, rephrase=rephrase, loc_prompt=loc), keep_original_weight=False,
                     verbose=False)
         weights.append((state(editor.model), list(probed)))
-        odedit_main.restore_all(editor.model)
+        restore_all(editor.model)
     assert len(built) == 2 and built[0] == built[1]
     assert {env for env, *_ in built[0]} & {"SE_content", "OUT_protect"}  # the miner ran
     assert weights[0][1] == weights[1][1]  # the probe answers
@@ -266,5 +266,5 @@ def test_a_content_edit_does_not_depend_on_the_edits_before_it(world):
         kwargs = dict(edit_kwargs(world), targets=targets)
         editor.edit(**kwargs, keep_original_weight=False, verbose=False)
         results.append(state(editor.model))
-        odedit_main.restore_all(editor.model)
+        restore_all(editor.model)
     assert same(results[0], results[2]) and not same(results[0], results[1])

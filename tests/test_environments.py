@@ -80,7 +80,7 @@ def test_unedited_answers_decode_sub_word_tokens_together():
     joined with spaces ("sun flower"), so it re-tokenises to what the model produced."""
     from types import SimpleNamespace
 
-    from easyedit_odedit.odedit.odedit_main import unedited_answers
+    from easyedit_odedit.odedit.rows import unedited_answers
 
     pieces = {7: "sun", 8: "flower"}
 

@@ -19,6 +19,7 @@ from ..errors import ODEditError, ODEditNumericalError
 from ..models.adapter import EmbeddedBatch, MultimodalLMAdapter
 from ..prefix_cache import (LastModuleCache, PrefixCache, decoder_layers, edited_submodule, final_norm_of,
                             lowest_edited_layer)
+from .selection import BestIterate
 
 Cache = Union[PrefixCache, LastModuleCache]
 
@@ -141,11 +142,8 @@ class ODEditObjective:
         self.reembed = needs_reembedding(adapter, params)
         self.cache = edit_rows.cache
         self.step = 0
-        self.best = None  # (objective or constraint score, {name: tensor}) of the iterate to keep
+        self.best = BestIterate(params, by_checks=use_odedit and hp.constraints.enabled)
         self.group_weight = {"SE": 1.0, "OUT": 1.0}  # raised while a group's constraint is violated
-        # with constraints, the iterate kept is the checked one that meets the most of them, not the
-        # lowest objective: the weights change between checks, so objectives do not compare
-        self.by_checks = use_odedit and hp.constraints.enabled
 
     def _new_optimizer(self) -> torch.optim.Optimizer:
         return getattr(torch.optim, self.optimizer_name)(list(self.params.values()), lr=self.lr)
@@ -236,7 +234,7 @@ class ODEditObjective:
         if not math.isfinite(logs["objective"]):
             raise ODEditNumericalError(f"ODEdit objective is {logs['objective']} at step {self.step}; "
                                        "lower the learning rate or penalty.weight")
-        self._remember_if_best(logs["objective"], makes_edit)
+        self.best.offer_step(logs["objective"], makes_edit)
         dual = 0.0
         if g.weight > 0:  # the dual step rides on the same backward pass (see LagrangeMultiplier.dual_loss)
             dual = self.multiplier.dual_loss(g.lam, g.weight * (logs["tv"] - hp.penalty.tv_tolerance))
@@ -250,8 +248,7 @@ class ODEditObjective:
     def constraints_hold(self) -> bool:
         """Over every row of the edit's pool (``constraints``): the IN row gives the target, the SE
         rows carry it, the OUT rows keep the unedited model's answers (and their mean KL is small).
-        The checked iterate that meets the most of them is kept (the current one once all hold);
-        otherwise each violated group's weight grows."""
+        Each check is offered to the iterate selection; while a group is violated, its weight grows."""
         c = self.hp.constraints
         every_row = list(range(len(self.rows.rows)))
         rows = torch.tensor(every_row, device=self.rows.embedded.inputs_embeds.device)
@@ -269,9 +266,7 @@ class ODEditObjective:
         se_share, out_share = (se.mean().item() if len(se) else 1.0), (out.mean().item() if len(out) else 1.0)
         holds = {"IN": bool(gives_target[envs.index("IN")]), "SE": se_share >= c.se_share,
                  "OUT": out_share >= c.out_share and (not len(kl) or kl.mean().item() <= c.out_kl)}
-        score = (holds["IN"], sum(holds.values()), se_share + out_share)
-        if self.best is None or score > self.best[0]:
-            self.best = (score, {k: p.detach().clone() for k, p in self.params.items()})
+        self.best.offer_check(holds, se_share, out_share)
         if all(holds.values()):
             return True
         # SE pulls the same way as the edit; OUT only grows once the edit is made, or it would stop the edit
@@ -306,22 +301,9 @@ class ODEditObjective:
         mask = labels != risks.IGNORE
         return (g.logits[j, :-1].argmax(-1)[mask] == labels[mask]).all()
 
-    @torch.no_grad()
-    def _remember_if_best(self, value: float, makes_edit: bool) -> None:
-        """Keep the iterate with the lowest objective among those that make the edit. A primal-dual
-        trajectory is not monotone; this is early stopping on the training risk, never on
-        evaluation data."""
-        if self.by_checks:
-            return
-        if makes_edit and (self.best is None or value < self.best[0]):
-            self.best = (value, {k: p.detach().clone() for k, p in self.params.items()})
-
-    @torch.no_grad()
     def finish(self) -> None:
-        """Load the best iterate found: the one with the lowest objective among those that made the
-        edit or, with constraints, the checked one that met the most of them."""
-        if self.best is not None:
-            self._load(self.best[1])
+        """End with the chosen iterate (``selection.BestIterate``)."""
+        self.best.load()
 
     @torch.no_grad()
     def _load(self, values: Dict[str, torch.Tensor]) -> None:
