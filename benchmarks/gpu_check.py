@@ -85,7 +85,7 @@ def measure(adapter, hp, views):
     if CUDA:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    times, setup = time_edits(adapter, hp, views)
+    times, setup, _ = time_edits(adapter, hp, views)
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if CUDA else float("nan")
     return statistics.median(times), statistics.median(setup) if setup else 0.0, times, peak
 
