@@ -212,3 +212,13 @@ def test_mend_edit_time_refinement_has_the_same_steps_with_and_without_odedit(be
     assert [build_host(hp).lr for hp in both_rows(dict(mend, edit_lr=2e-3))] == [2e-3, 2e-3]
     assert [bool(hp.enabled) for hp in hps] == [False, edit_odedit]
     assert [hp.host_params.archive for hp in hps] == ["/archives/MEND", "/archives/ODEdit"]
+
+
+def test_the_figure_shows_the_hosts_and_only_the_variants_the_config_names():
+    from easyedit_odedit.benchmark.report import plotted_methods
+
+    methods = ["FT-L+ODEdit[content]", "LoRA", "FT-L", "FT-L+ODEdit[kl=pre_post]", "FT-L+ODEdit", "LoRA+ODEdit"]
+    config = {"hosts": {"FT-L": "a.yaml", "LoRA": "b.yaml"}}
+    assert plotted_methods(methods, config) == ["FT-L", "FT-L+ODEdit", "LoRA", "LoRA+ODEdit"]
+    assert plotted_methods(methods, dict(config, plot_variants=["content"])) == [
+        "FT-L", "FT-L+ODEdit", "FT-L+ODEdit[content]", "LoRA", "LoRA+ODEdit"]

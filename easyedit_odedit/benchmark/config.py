@@ -29,6 +29,7 @@ DEFAULTS: Dict[str, Any] = {
     "serac": None,       # {yaml, train: {host_hparams overrides}, val_records, seeds, settings}: single editing only
     "not_run": {},
     "ike": None,         # {k: 1}: EasyEdit's multimodal IKE alone, single editing (benchmark/ike.py)
+    "plot_variants": [],  # variant names drawn in the figure beside each host (the table shows them all)
     "leakage_check": 3,  # records per method and seed edited with real and with swapped evaluation fields
 }
 

@@ -322,6 +322,12 @@ def markdown(results: Dict[str, Any]) -> str:
 # -------------------------------------------------------------------------------------------------
 # Figure
 # -------------------------------------------------------------------------------------------------
+def plotted_methods(methods, config) -> List[str]:
+    """Each host alone and with ODEdit, and the variants the config's ``plot_variants`` names."""
+    shown = set(config.get("plot_variants") or ())
+    return [m for m in _method_order(methods, config) if "[" not in m or m[m.index("[") + 1:-1] in shown]
+
+
 def plot(results: Dict[str, Any], path: str) -> None:
     import matplotlib  # heavy: loaded only when a figure is drawn
 
@@ -344,7 +350,8 @@ def plot(results: Dict[str, Any], path: str) -> None:
     cmap = plt.get_cmap("tab10")
     hosts = list(config.get("hosts", {}))
     for ax, setting in zip(axes, settings):
-        methods = [m for m in _method_order(summary[setting], config) if "[" not in m]
+        shown = set(config.get("plot_variants") or ())
+        methods = plotted_methods(summary[setting], config)
         width = 0.8 / max(len(methods), 1)
         x = np.arange(len(metrics))
         for k, method in enumerate(methods):
@@ -353,14 +360,16 @@ def plot(results: Dict[str, Any], path: str) -> None:
             e = summary[setting][method]
             means = [100 * e[m]["mean"] if m in e else np.nan for m in metrics]
             stds = [100 * e[m]["std"] if m in e else 0 for m in metrics]
+            hatch = ("xx" if "[" in method else "//") if "+ODEdit" in method else None
             ax.bar(x + (k - (len(methods) - 1) / 2) * width, means, width, yerr=stds, capsize=2, color=colour,
-                   alpha=1.0 if "+ODEdit" in method else 0.45, hatch="//" if "+ODEdit" in method else None,
+                   alpha=1.0 if "+ODEdit" in method else 0.45, hatch=hatch,
                    edgecolor="black", linewidth=0.4, label=method)
         ax.set_xticks(x)
         ax.set_xticklabels([LABELS[m] if m != "hm" else "HM" for m in metrics], fontsize=8)
         ax.set_ylim(0, 105)
         ax.set_ylabel("%")
-        ax.set_title(f"{setting}: host alone (light) vs +ODEdit (hatched), ± std over seeds", fontsize=9)
+        variants = " and its [variants] (cross-hatched)" if shown else ""
+        ax.set_title(f"{setting}: host alone (light) vs +ODEdit (hatched){variants}, ± std over seeds", fontsize=9)
         ax.legend(fontsize=7, ncol=min(len(methods), 4), loc="upper center", bbox_to_anchor=(0.5, -0.08),
                   frameon=False)
         ax.grid(axis="y", alpha=0.3)
