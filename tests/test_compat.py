@@ -129,7 +129,8 @@ print(json.dumps({"found": sorted(found.values()), "unlisted": sorted(v for k, v
 
 
 def _python(*args, env=None, cwd=ROOT) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=ROOT, ODEDIT_ROOT=ROOT, OMP_NUM_THREADS="1", **(env or {}))
+    path = os.pathsep.join([ROOT, *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]])
+    env = dict(os.environ, PYTHONPATH=path, ODEDIT_ROOT=ROOT, OMP_NUM_THREADS="1", **(env or {}))
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
 
 

@@ -29,10 +29,13 @@ def pool_cache(tmp_path_factory):
     return cache
 
 
-def _env(**extra):
-    """This environment, with ``extra`` as the only import path besides the interpreter's own."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    return dict(env, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", **extra)
+def _env(PYTHONPATH: str, **extra):
+    """This environment with ``PYTHONPATH`` first on the import path, followed by the paths this run
+    already had except this checkout (EasyEdit's GitHub main is used from a folder on the path)."""
+    kept = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+            if p and os.path.abspath(p) != os.path.abspath(ROOT)]
+    return dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+                PYTHONPATH=os.pathsep.join([PYTHONPATH, *kept]), **extra)
 
 
 def _first_python_block(markdown: str) -> str:
