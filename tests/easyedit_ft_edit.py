@@ -6,8 +6,10 @@ modules run from their files (the import shims this environment's EasyEdit needs
 redirect for EasyEdit's hard-coded ``cuda:``). Prints one JSON line: the weights' SHA-256 before and
 after the edit, and EasyEdit's metrics."""
 import contextlib
+import dataclasses
 import hashlib
 import importlib.util
+import inspect
 import json
 import os
 import sys
@@ -54,11 +56,17 @@ config = transformers.GPT2Config(vocab_size=len(byte_chars), n_positions=64, n_e
                                  bos_token_id=len(byte_chars) - 1, eos_token_id=len(byte_chars) - 1)
 transformers.GPT2LMHeadModel(config).save_pretrained(folder)
 transformers.GPT2Tokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt")).save_pretrained(folder)
-hp = easyeditor.FTHyperParams(
+fields = dict(
     layers=[1], num_steps=5, lr=0.05, weight_decay=0.0, kl_factor=0.0, norm_constraint=False,
     rewrite_module_tmp="transformer.h.{}.mlp.c_proj", layer_module_tmp="transformer.h.{}",
     mlp_module_tmp="transformer.h.{}.mlp", attn_module_tmp="transformer.h.{}.attn", ln_f_module="transformer.ln_f",
     lm_head_module="lm_head", device=0, alg_name="FT", model_name=folder)
+known = {f.name for f in dataclasses.fields(easyeditor.FTHyperParams)}
+if "objective_optimization" in known:
+    fields["objective_optimization"] = "prompt_last"  # GitHub main's FT asks which loss (its YAMLs' value)
+if "batch_size" in known:
+    fields["batch_size"] = 1  # GitHub main's single editing asserts it (its default is larger)
+hp = easyeditor.FTHyperParams(**fields)
 
 
 def weights_sha256(model) -> str:
@@ -68,12 +76,20 @@ def weights_sha256(model) -> str:
     return digest.hexdigest()
 
 
+def keep_the_edit(editor) -> dict:
+    """The PyPI release keeps an edit with ``keep_original_weight=False``; GitHub main restores after
+    every non-sequential edit and keeps it with ``sequential_edit=True``."""
+    if "sequential_edit" in inspect.signature(editor.edit).parameters:
+        return {"sequential_edit": True}
+    return {"keep_original_weight": False}
+
+
 with redirect(), contextlib.redirect_stdout(sys.stderr):
     editor = easyeditor.BaseEditor.from_hparams(hp)
     before = weights_sha256(editor.model)
     metrics, edited, _ = editor.edit(prompts=["the capital of france is"], target_new=["rome"],
                                      ground_truth=["paris"], locality_inputs={"sky": {"prompt": ["the sky is"],
                                                                                   "ground_truth": ["blue"]}},
-                                     keep_original_weight=False, verbose=False)
+                                     verbose=False, **keep_the_edit(editor))
 print(json.dumps({"plugin": "easyedit_odedit" in sys.modules, "sha256": weights_sha256(edited), "before": before,
                   "metrics": [{k: v for k, v in m.items() if k != "time"} for m in metrics]}, default=str))
