@@ -73,6 +73,12 @@ class EditRows:
                         self.adapter.decode(self.embedded, tail=self.tail)
         return logits
 
+    def unedited_at(self, rows: torch.Tensor, width: int):
+        """Where the chosen rows' OUT positions lie in their last ``width`` columns, and the unedited
+        model's log-probs there (one row per position, in mask order)."""
+        at = self.compare_tail[rows][:, -width:]
+        return at, self.pre_log_probs[self.pre_index[rows][:, -width:][at]]
+
     def embed(self, idx) -> EmbeddedBatch:
         idx = list(idx)
         return self.adapter.embed([self.texts[i] for i in idx], [self.images[i] for i in idx],
@@ -169,9 +175,9 @@ class ODEditObjective:
         out = self.rows.is_out[rows]
         width = logits.shape[1]  # < tail when re-embedded rows pad to less: rows are left-padded, align right
         nll_at = risks.answer_positions(batch.labels)[:, :-1] & ~out[:, None]
-        kl_at = self.rows.compare_tail[rows][:, -width:]
+        kl_at, pre = self.rows.unedited_at(rows, width)
         nll_logits, targets = logits[:, :-1][nll_at], batch.labels[:, 1:][nll_at]
-        kl_logits, pre = logits[kl_at], self.rows.pre_log_probs[self.rows.pre_index[rows][:, -width:][kl_at]]
+        kl_logits = logits[kl_at]
         position_group = torch.cat([group[:, None].expand_as(nll_at)[nll_at], group[:, None].expand_as(kl_at)[kl_at]])
         if not self.use_odedit:  # the host alone: its own rows' NLL (no OUT rows)
             values = torch.nn.functional.cross_entropy(nll_logits.float(), targets, reduction="none")
@@ -255,8 +261,7 @@ class ODEditObjective:
         batch, logits, _ = self.forward(every_row)
         at = risks.answer_positions(batch.labels)[:, :-1]
         gives_target = ((logits[:, :-1].argmax(-1) == batch.labels[:, 1:]) | ~at).all(1)
-        kl_at = self.rows.compare_tail[rows][:, -logits.shape[1]:]
-        pre = self.rows.pre_log_probs[self.rows.pre_index[rows][:, -logits.shape[1]:][kl_at]]
+        kl_at, pre = self.rows.unedited_at(rows, logits.shape[1])
         kept = torch.ones_like(kl_at)
         kept[kl_at] = logits[kl_at].argmax(-1) == pre.argmax(-1)
         kl = risks.kl_per_position(logits[kl_at], pre, self.hp.risks.kl_direction)

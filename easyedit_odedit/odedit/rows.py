@@ -11,6 +11,7 @@ from ..environments import EnvironmentBuilder, Row
 from ..models.adapter import MultimodalLMAdapter
 from ..pool_index import Probes, index_for
 
+
 def build_rows(adapter: MultimodalLMAdapter, view: dict, hparams, seed: int, past: Sequence[dict] = ()) -> List[Row]:
     env = hparams.environments
     builder = EnvironmentBuilder(env, image_processor(hparams), getattr(hparams, "coco_image", ""), seed,
