@@ -16,6 +16,7 @@ an edit is judged.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import json
@@ -42,11 +43,25 @@ def edit_view(request: dict) -> dict:
 
 def past_edit(view: dict, view_size: Optional[int]) -> dict:
     """What later edits of a sequence keep of this one (``EnvironmentBuilder.past``): its prompt,
-    target and image at the model's own size, on the CPU (a sequence may be long)."""
+    target and image at the model's own size, on the CPU (a sequence may be long), and what its
+    set-up added to the view: what the unedited model says the image shows (``content``, when probes
+    described it) and the rows it carries over (``carried``, see ``carried_rows``)."""
     image = view.get("image")
     if image is not None:
         image = _shrink(image, view_size).detach().cpu()
-    return {"prompt": view["prompt"], "target": view["target"], "image": image}
+    carried = [dataclasses.replace(r, image=None if r.image is None else r.image.detach().cpu())
+               for r in view.get("carried", ())]
+    return {"prompt": view["prompt"], "target": view["target"], "image": image, "content": view.get("content"),
+            "rows": carried}
+
+
+def carried_rows(rows: Sequence["Row"], n: int) -> List["Row"]:
+    """The ``n`` rows of an edit that later edits of a sequence keep training on: half that carry its
+    target (same-content images), half that mark where it stops (near misses first, then the
+    questions that protect its image's other attributes); either half fills the other's shortfall."""
+    keep = [r for r in rows if r.env == "SE_content"]
+    stop = [r for r in rows if r.env == "OUT_near"] + [r for r in rows if r.env == "OUT_protect"]
+    return _half_and_half(keep, stop, n)
 
 
 @dataclass
@@ -58,6 +73,7 @@ class Row:
     target: Optional[str]
     image: Optional[torch.Tensor] = None
     source: Optional[str] = None  # the pool image's path, for a row that shows one
+    content: Optional[tuple] = None  # what the unedited model says its image shows (``ContentMiner``)
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,14 +259,27 @@ class EnvironmentBuilder:
                       for e in candidates]
         return {"text": text_rows, "image": image_rows}
 
-    def past(self, edits: Sequence[dict]) -> List[Row]:
-        """OUT rows from the earlier edits of a sequence: each asked with its own image and answered
-        with its own new target, which this edit must leave as it is (KL to the current model, like
-        every OUT row). Only edit fields: a past record's evaluation fields were never kept."""
+    def past(self, edits: Sequence[dict], view: Optional[dict] = None) -> List[Row]:
+        """Rows from the earlier edits of a sequence (only edit fields: a past record's evaluation
+        fields were never kept). ``past_reference: current``: each asked with its own image and
+        answered with its own new target, which this edit must leave as it is (KL to the current
+        model, like every OUT row). ``sequence_start``: every earlier edit's own prompt and the rows
+        it carried (``carried_rows``) - ``IN_past`` rows that must give their targets, ``OUT_past``
+        rows that must keep the model's answers from before the sequence - less those about content
+        another edit of the sequence changes (``without_conflicts``)."""
         if not edits or not self.settings.out_past:
             return []  # draws nothing: single edits see exactly the rows they always did
-        chosen = self._sample(edits, self.settings.pool_factor * self.settings.out_past)
-        return [Row("OUT_past", e["prompt"], e["target"], e.get("image")) for e in chosen]
+        if self.settings.past_reference == "current":
+            chosen = self._sample(edits, self.settings.pool_factor * self.settings.out_past)
+            return [Row("OUT_past", e["prompt"], e["target"], e.get("image")) for e in chosen]
+        rows = []
+        for j, e in enumerate(edits):
+            others = [o for o in [*edits[:j], *edits[j + 1:], view] if o is not None]
+            own = [Row("IN_past", e["prompt"], e["target"], e.get("image"), content=e.get("content"))]
+            own += [dataclasses.replace(r, env="IN_past" if r.env.startswith("SE") else "OUT_past") for r in e["rows"]]
+            later = [o for o in [*edits[j + 1:], view] if o is not None]
+            rows += [r for r in without_conflicts(own, others) if not _overridden(r, e, later)]
+        return rows
 
     def _sample(self, items: Sequence, n: int) -> list:
         return self.rng.sample(list(items), min(n, len(items)))
@@ -307,10 +336,11 @@ class EnvironmentBuilder:
             self.by_content = False
             return self.near_and_far(view, se_rows, self._sample(candidates, self._searched(False)), features, answers)
         far = found.pop("far")
+        view["content"] = found.pop("edit")
         self.rng.shuffle(far)
         n_far = self.settings.pool_factor * EnvironmentSampler.far_quota(self.settings)
         return [row for group in found.values() for row in group] + [
-            Row("OUT_far", r.prompt, r.target, r.image) for r in far[:n_far]]
+            Row("OUT_far", r.prompt, r.target, r.image, content=r.content) for r in far[:n_far]]
 
     def _nearest_distinct(self, view: dict, candidates: List[Row], order: List[int], wanted: int,
                           answers: Optional[Callable[[List[Row]], List[str]]]):
@@ -419,16 +449,24 @@ class ContentMiner:
         s, k = self.settings, self.settings.pool_factor
         near = _half_and_half(sharing, partial, k * s.near_miss_rows)
         same_content = [edit, *[described[i] for i in same[: k * s.same_content_rows]]]
-        carry = [Row("SE_content", q, view["target"], d.image) for d in same_content for q in alike]
-        protect = [Row("OUT_protect", q, d.answers[q], d.image) for d in same_content for q in other]
+        carry = [Row("SE_content", q, view["target"], d.image, content=self.content(d)) for d in same_content for q in alike]
+        protect = [Row("OUT_protect", q, d.answers[q], d.image, content=self.content(d))
+                   for d in same_content for q in other]
         for group in (carry, protect):
             self.rng.shuffle(group)
         ask = [alike[n % len(alike)] for n in range(len(near))]
-        return {"OUT_near": [Row("OUT_near", q, described[i].answers[q], described[i].image) for q, i in zip(ask, near)],
+        return {"OUT_near": [Row("OUT_near", q, described[i].answers[q], described[i].image,
+                                 content=self.content(described[i])) for q, i in zip(ask, near)],
                 "SE_content": [r for r in carry if not (r.prompt == view["prompt"] and r.image is edit.image)
                                ][: k * s.same_content_rows],
                 "OUT_protect": protect[: k * s.protect_rows],
-                "far": [candidates[i] for i in far]}
+                "far": [dataclasses.replace(candidates[i], content=self.content(described[i])) for i in far],
+                "edit": self.content(edit)}
+
+    def content(self, description: "Description") -> tuple:
+        """What an image shows, to the unedited model: its answers to the fixed probes (the same
+        questions for every edit, so two edits' images compare)."""
+        return tuple(_normal_answer(description.answers[q]) for q in self.settings.probes)
 
     def describe(self, view: dict, candidates: List[Row], answers: Callable[[List[Row]], List[str]]):
         """The edit image's description, each candidate's, the questions that ask what the edit's
@@ -457,6 +495,20 @@ def _half_and_half(first: list, second: list, n: int) -> list:
     """n items, half from each list (the first gets the odd one), the other list filling a shortfall."""
     from_first = min(len(first), max((n + 1) // 2, n - len(second)))
     return first[:from_first] + second[: n - from_first]
+
+
+def without_conflicts(rows: Sequence[Row], edits: Sequence[dict]) -> List[Row]:
+    """The rows that keep an answer from before a sequence (``OUT_*``), less those whose image shows
+    content one of ``edits`` changes: what a question asks about such an image is that edit's to
+    decide (conservative: every question on it, not only the edited one)."""
+    changed = {e.get("content") for e in edits} - {None}
+    return [r for r in rows if not (r.env.startswith("OUT") and r.content in changed)]
+
+
+def _overridden(row: Row, edit: dict, later: Sequence[dict]) -> bool:
+    """An earlier edit's own row asked again, on the same content, by a later edit: the later wins."""
+    return (row.env == "IN_past" and edit.get("content") is not None
+            and any(o.get("content") == edit["content"] and o["prompt"] == row.prompt for o in later))
 
 
 class ImageCache:
@@ -514,7 +566,8 @@ class EnvironmentSampler:
     """Each step: IN plus a fresh random subset of every SE/OUT group, from the fixed pool."""
 
     GROUP_QUOTA = {"SE_text": "se_text", "SE_image": "se_image", "SE_joint": "se_joint",
-                   "OUT_text": "out_text", "OUT_past": "out_past", "SE_content": "same_content_rows",
+                   "OUT_text": "out_text", "OUT_past": "out_past", "IN_past": "out_past",
+                   "SE_content": "same_content_rows",
                    "OUT_protect": "protect_rows"}
 
     def __init__(self, rows: List[Row], settings, seed: int):

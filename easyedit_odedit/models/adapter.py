@@ -141,6 +141,11 @@ class MultimodalLMAdapter(nn.Module):
         finally:
             self._encoded = None
 
+    def forget_image_encodings(self) -> None:
+        """Inside ``reusing_image_encodings``: the weights changed, encode again."""
+        if self._encoded is not None:
+            self._encoded = {}
+
     def _encode_list(self, images: List[torch.Tensor]) -> List[torch.Tensor]:
         """[N, D] image-token embeddings of each image (any sizes), in one batched pass."""
         memo = self._encoded if self._encoded is not None else {}

@@ -24,6 +24,7 @@ from .selection import BestIterate
 Cache = Union[PrefixCache, LastModuleCache]
 
 SE_ENVS = ("SE_text", "SE_image", "SE_joint", "SE_content")
+KEEP_ENVS = SE_ENVS + ("IN_past",)  # must give their targets: the SE rows, and a sequence's earlier edits
 OUT_ENVS = ("OUT_text", "OUT_near", "OUT_far", "OUT_past", "OUT_protect")
 
 
@@ -35,7 +36,9 @@ class EditRows:
     also fills the prefix cache, when there is one."""
 
     def __init__(self, adapter: MultimodalLMAdapter, rows: List[Row], kl_positions: str,
-                 cache: Optional[Cache] = None):
+                 cache: Optional[Cache] = None, reference=None):
+        """``reference``: a context in which the model holds the weights OUT rows must keep (a
+        sequence's start, ``restore.at_sequence_start``); default the weights as they are."""
         self.adapter, self.rows = adapter, rows
         self.texts = [f"{r.prompt} {r.target}" for r in rows]
         self.prompts_len = [len(adapter.tokenizer(r.prompt)["input_ids"]) for r in rows]
@@ -49,6 +52,9 @@ class EditRows:
             self.tail = width - int(read.any(0).float().argmax())
             self.cache = cache
             logits = self._capture()
+            if reference is not None:
+                with reference():
+                    logits, _ = self.adapter.decode(self.embed(range(len(rows))), tail=self.tail)
         # the unedited log-probs at every compared position of an OUT row, flat, and where each lies
         self.is_out = torch.tensor([e in OUT_ENVS for e in self.envs], device=logits.device)
         self.compare_tail = self.compare_mask[:, -self.tail:] & self.is_out[:, None]
@@ -209,7 +215,7 @@ class ODEditObjective:
         terms = {"rel_nll": r_rel}
         if not self.use_odedit:
             return Evaluated(r_rel, terms, None, None, 0.0, logits, batch, envs)
-        r_se = _mean(env_risk, [i for i, g in enumerate(groups) if g in SE_ENVS])
+        r_se = _mean(env_risk, [i for i, g in enumerate(groups) if g in KEEP_ENVS])
         r_loc = _mean(env_risk, [i for i, g in enumerate(groups) if g in OUT_ENVS])
         feats = self.mmd_features(batch, hidden)
         z_e = feats[[j for j, e in enumerate(envs) if e == "IN"]]
@@ -266,7 +272,7 @@ class ODEditObjective:
         kept[kl_at] = logits[kl_at].argmax(-1) == pre.argmax(-1)
         kl = risks.kl_per_position(logits[kl_at], pre, self.hp.risks.kl_direction)
         envs = self.rows.envs
-        se = gives_target[[i for i, e in enumerate(envs) if e in SE_ENVS]].float()
+        se = gives_target[[i for i, e in enumerate(envs) if e in KEEP_ENVS]].float()
         out = kept.all(1)[[i for i, e in enumerate(envs) if e in OUT_ENVS]].float()
         se_share, out_share = (se.mean().item() if len(se) else 1.0), (out.mean().item() if len(out) else 1.0)
         holds = {"IN": bool(gives_target[envs.index("IN")]), "SE": se_share >= c.se_share,

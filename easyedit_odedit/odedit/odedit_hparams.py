@@ -46,6 +46,12 @@ class EnvironmentSettings:
     near_miss_search: int = 2   # pool images searched per OUT image row of the per-edit pool (encoded once)
     out_past: int = 2           # earlier edits of a sequence (not restored since) drawn each step: must not change
     past_edits: int = 64        # the most recent earlier edits kept for that (their images on the CPU)
+    # What an OUT row of a sequence's edit must keep. "current": the model as the edit finds it (the
+    # earlier edits replayed as OUT rows). "sequence_start": the model before the sequence's first
+    # edit, so what earlier edits spilled is repaired; each earlier edit carries ``past_rows`` of its
+    # own rows (half that keep its target, half its near misses and protecting rows).
+    past_reference: str = "current"
+    past_rows: int = 6
     locality_pool: Optional[str] = None   # train-split E-VQA/E-IC JSON, or a JSON list of prompts
     locality_image_root: Optional[str] = None  # image root for the pool (default: coco_image)
     paraphrases: Optional[str] = None     # "pkg.module:function" or a JSON {prompt: [variants]}
@@ -128,7 +134,9 @@ PRESETS: Dict[str, Dict[str, Dict[str, Any]]] = {
     # the paper's: a fixed number of host steps, SE by augmentation, OUT from the pool by image distance
     "paper": {"constraints": {"enabled": False}, "environments": {"probe_pool": 0}, "risks": {"loc_weight": 1.0}},
     # content-aware environments (needs environments.probes) and an edit that stops when its rows hold
-    "content": {"constraints": {"enabled": True}, "environments": {"probe_pool": 256, "se_text": 4},
+    "content": {"constraints": {"enabled": True},
+                "environments": {"probe_pool": 256, "se_text": 4, "past_reference": "sequence_start",
+                                 "out_past": 8, "past_edits": 16},
                 "risks": {"loc_weight": 20.0}},
 }
 
@@ -307,7 +315,8 @@ _CHOICES = {("risks", "kl_direction"): ("post_pre", "pre_post"),
             ("risks", "kl_positions"): ("answer", "all"),
             ("risks", "mmd_feature"): ("last_prompt_token", "answer_mean"),
             ("penalty", "lambda_input"): ("delta_norms", "edit_hidden", "constant"),
-            ("optimiser", "refine_start"): ("better", "host")}
+            ("optimiser", "refine_start"): ("better", "host"),
+            ("environments", "past_reference"): ("current", "sequence_start")}
 
 
 def _validate_settings(hp: ODEditHyperParams, where: str) -> None:
@@ -316,7 +325,7 @@ def _validate_settings(hp: ODEditHyperParams, where: str) -> None:
         if value not in choices:
             raise ODEditError(f"{where}: {section}.{key}", value, f"use one of: {', '.join(choices)}")
     counts = {k: getattr(hp.environments, k) for k in ("se_text", "se_image", "se_joint", "out_text",
-                                                       "out_image", "out_past", "past_edits", "pool_factor",
+                                                       "out_image", "out_past", "past_edits", "past_rows", "pool_factor",
                                                        "near_miss_search", "probe_pool", "near_miss_rows",
                                                        "same_content_rows", "protect_rows", "probe_batch")}
     for key, value in counts.items():

@@ -15,12 +15,13 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..environments import EnvironmentSampler, Row, edit_view, past_edit
+from ..environments import EnvironmentSampler, Row, carried_rows, edit_view, past_edit
 from ..hosts import build_host
 from ..models.adapter import MultimodalLMAdapter
 from ..validation import check_request
 from .objective import EditRows, ODEditObjective, make_prefix_cache
-from .restore import RestorePoint, past_edits, remember, restored_on_failure, unwrap
+from .restore import (RestorePoint, at_sequence_start, past_edits, remember, restored_on_failure,
+                      start_recoverable, unwrap)
 from .rows import build_rows
 
 
@@ -78,8 +79,11 @@ def edit_once(adapter: MultimodalLMAdapter, view: dict, hparams, host, originals
     in_row = Row("IN", view["prompt"], view["target"], view.get("image"))
     # WISE also reads an unrelated prompt from ODEdit's OUT rows, even when ODEdit itself is off
     needs_rows = use_odedit or getattr(host, "needs_out_rows", False)
-    with adapter.reusing_image_encodings():  # the set-up changes no weight
-        host_rows = build_rows(adapter, view, hparams, seed, past) if needs_rows else [in_row]
+    reference = _sequence_reference(adapter, hparams, originals, undo, past if use_odedit else ())
+    with adapter.reusing_image_encodings():  # the set-up changes no weight (or puts it back)
+        with reference() if reference else contextlib.nullcontext():
+            host_rows = build_rows(adapter, view, hparams, seed, past, unedited=not past or bool(reference)) \
+                if needs_rows else [in_row]
         rows = host_rows if use_odedit else [in_row]
         named = dict(adapter.named_parameters())
         touched = host.touched(adapter)
@@ -89,7 +93,7 @@ def edit_once(adapter: MultimodalLMAdapter, view: dict, hparams, host, originals
         for name in touched:
             originals.setdefault(name, before_host[name] if before_host else named[name].detach().clone())
         cache = make_prefix_cache(adapter, touched, hparams)
-        edit_rows = EditRows(adapter, rows, hparams.risks.kl_positions, cache)  # unedited-model references
+        edit_rows = EditRows(adapter, rows, hparams.risks.kl_positions, cache, reference)  # OUT references
     previous = {n: p.requires_grad for n, p in adapter.named_parameters()}  # before a host or peft freezes them
     if hasattr(host, "run_host"):  # refine family: the host edits first, ODEdit starts from its solution
         with seeded(seed):
@@ -111,12 +115,23 @@ def edit_once(adapter: MultimodalLMAdapter, view: dict, hparams, host, originals
                 break
         objective.finish()
         logs["steps"] = float(steps)
+        if hparams.environments.past_reference == "sequence_start":  # what later edits of a sequence keep
+            view["carried"] = carried_rows(rows, hparams.environments.past_rows)
         if before_host is not None:
             logs["started_before_host"] = float(started_before_host)
     finally:
         host.finalize(adapter)
         _restore_requires_grad(adapter, previous)
     return logs
+
+
+def _sequence_reference(adapter: MultimodalLMAdapter, hparams, originals, undo, past):
+    """``past_reference: sequence_start`` inside a sequence: a context that puts the model before the
+    sequence back for the set-up (``restore.at_sequence_start``); None where the reference is the
+    model as it is (single edits, ``current``, or a host that inserted modules)."""
+    if not past or hparams.environments.past_reference != "sequence_start" or not start_recoverable(adapter, undo):
+        return None
+    return lambda: at_sequence_start(adapter, originals)
 
 
 def _may_start_before_host(host, hparams) -> bool:

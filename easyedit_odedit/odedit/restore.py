@@ -120,6 +120,32 @@ def remember(adapter: MultimodalLMAdapter, originals: Dict[str, torch.Tensor], u
     _UNDO.setdefault(adapter, []).extend(undo)
 
 
+def start_recoverable(adapter: MultimodalLMAdapter, undo: List) -> bool:
+    """Whether copying tensors gives back the model before the sequence: not where a host inserted
+    modules (WISE, GRACE, EasyEdit's LoRA)."""
+    return not undo and not _UNDO.get(adapter)
+
+
+@contextlib.contextmanager
+def at_sequence_start(adapter: MultimodalLMAdapter, originals: Dict[str, torch.Tensor]):
+    """Within the block the model holds its weights from before the sequence's first un-restored
+    edit (``start_recoverable``), put back afterwards."""
+    start = {**originals, **_HISTORY.get(adapter, {})}  # the history's tensors are the older ones
+    params = dict(adapter.named_parameters())
+    now = {name: params[name].detach().clone() for name in start}
+    with torch.no_grad():
+        for name, value in start.items():
+            params[name].copy_(value)
+    adapter.forget_image_encodings()
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, value in now.items():
+                params[name].copy_(value)
+        adapter.forget_image_encodings()
+
+
 @contextlib.contextmanager
 def restored_on_failure(adapter: MultimodalLMAdapter, originals: Dict[str, torch.Tensor], undo: List):
     """Any exception - NaN, a bad host, KeyboardInterrupt - leaves the model as it was."""

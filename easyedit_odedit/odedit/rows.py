@@ -7,12 +7,15 @@ from typing import List, Sequence
 import torch
 
 from .. import compat
-from ..environments import EnvironmentBuilder, Row
+from ..environments import EnvironmentBuilder, Row, without_conflicts
 from ..models.adapter import MultimodalLMAdapter
 from ..pool_index import Probes, index_for
 
 
-def build_rows(adapter: MultimodalLMAdapter, view: dict, hparams, seed: int, past: Sequence[dict] = ()) -> List[Row]:
+def build_rows(adapter: MultimodalLMAdapter, view: dict, hparams, seed: int, past: Sequence[dict] = (),
+               unedited: bool = True) -> List[Row]:
+    """``unedited``: the model holds the weights it had before any edit of ``past`` (the pool's
+    index answers for it)."""
     env = hparams.environments
     builder = EnvironmentBuilder(env, image_processor(hparams), getattr(hparams, "coco_image", ""), seed,
                                  view_size=adapter.image_size)
@@ -25,12 +28,14 @@ def build_rows(adapter: MultimodalLMAdapter, view: dict, hparams, seed: int, pas
         pool = [e.image_path for e in builder.pool if e.image_path is not None]
         key = (env.locality_pool, env.locality_image_root, adapter.image_size, env.probe_batch)
         index = index_for(adapter, key, list(dict.fromkeys(pool)), builder.load_image, env.probe_batch,
-                          unedited=not past)
+                          unedited=unedited)
     probes = Probes(adapter, lambda rows, n: unedited_answers(adapter, rows, n), n_tokens, env.probe_batch,
                     env.probes, index)
     rows += out["text"] + builder.near_and_far(view, rows, out["image"], probes.features, probes.answers)
     _fill_unedited_answers(adapter, rows, n_tokens)
-    return rows + builder.past(past)
+    if past and env.past_reference == "sequence_start":
+        rows = without_conflicts(rows, past)
+    return rows + builder.past(past, view)
 
 
 def image_processor(hparams):
