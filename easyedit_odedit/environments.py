@@ -336,7 +336,7 @@ class EnvironmentBuilder:
             self.by_content = False
             return self.near_and_far(view, se_rows, self._sample(candidates, self._searched(False)), features, answers)
         far = found.pop("far")
-        view["content"] = found.pop("edit")
+        view["content"], view["watched"] = found.pop("edit"), found.pop("watched")
         self.rng.shuffle(far)
         n_far = self.settings.pool_factor * EnvironmentSampler.far_quota(self.settings)
         return [row for group in found.values() for row in group] + [
@@ -461,7 +461,10 @@ class ContentMiner:
                                ][: k * s.same_content_rows],
                 "OUT_protect": protect[: k * s.protect_rows],
                 "far": [dataclasses.replace(candidates[i], content=self.content(described[i])) for i in far],
-                "edit": self.content(edit)}
+                "edit": self.content(edit),
+                "watched": [Row("OUT_spill", q, described[i].answers[q], described[i].image, candidates[i].source,
+                                self.content(described[i]))
+                            for i in sorted(set(range(len(candidates))) - set(same)) for q in [*alike, *other]]}
 
     def content(self, description: "Description") -> tuple:
         """What an image shows, to the unedited model: its answers to the fixed probes (the same
@@ -566,7 +569,7 @@ class EnvironmentSampler:
     """Each step: IN plus a fresh random subset of every SE/OUT group, from the fixed pool."""
 
     GROUP_QUOTA = {"SE_text": "se_text", "SE_image": "se_image", "SE_joint": "se_joint",
-                   "OUT_text": "out_text", "OUT_past": "out_past", "IN_past": "out_past",
+                   "OUT_text": "out_text", "OUT_past": "out_past", "IN_past": "out_past", "OUT_spill": "near_miss_rows",
                    "SE_content": "same_content_rows",
                    "OUT_protect": "protect_rows"}
 

@@ -25,7 +25,7 @@ Cache = Union[PrefixCache, LastModuleCache]
 
 SE_ENVS = ("SE_text", "SE_image", "SE_joint", "SE_content")
 KEEP_ENVS = SE_ENVS + ("IN_past",)  # must give their targets: the SE rows, and a sequence's earlier edits
-OUT_ENVS = ("OUT_text", "OUT_near", "OUT_far", "OUT_past", "OUT_protect")
+OUT_ENVS = ("OUT_text", "OUT_near", "OUT_far", "OUT_past", "OUT_protect", "OUT_spill")
 
 
 class EditRows:

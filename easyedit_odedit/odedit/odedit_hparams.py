@@ -124,6 +124,9 @@ class ConstraintSettings:
     out_kl: float = 0.1         # and the OUT rows' mean KL to the unedited model at most this
     growth: float = 1.5
     max_weight: float = 8.0     # a group's weight stays at most this multiple of its configured weight
+    # after the edit, the described pool images asked again on the edited weights: those whose answer
+    # moved become OUT rows (``OUT_spill``) of another round, at most this many rounds
+    reprobe_rounds: int = 0
 
 
 SECTIONS = {"environments": EnvironmentSettings, "risks": RiskSettings,
@@ -372,9 +375,9 @@ def _validate_settings(hp: ODEditHyperParams, where: str) -> None:
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ODEditError(f"{where}: seed", seed, "give a whole number")
     c = hp.constraints
-    if c.max_steps < 1 or c.check_every < 1:
-        raise ODEditError(f"{where}: constraints.max_steps/check_every", (c.max_steps, c.check_every),
-                          "use whole numbers >= 1")
+    if c.max_steps < 1 or c.check_every < 1 or c.reprobe_rounds < 0:
+        raise ODEditError(f"{where}: constraints.max_steps/check_every/reprobe_rounds",
+                          (c.max_steps, c.check_every, c.reprobe_rounds), "use whole numbers >= 1 (reprobe_rounds >= 0)")
     for name in ("se_share", "out_share"):
         if not 0.0 <= getattr(c, name) <= 1.0:
             raise ODEditError(f"{where}: constraints.{name}", getattr(c, name), "use a fraction between 0 and 1")

@@ -23,6 +23,7 @@ from .objective import EditRows, ODEditObjective, make_prefix_cache
 from .restore import (RestorePoint, at_sequence_start, past_edits, remember, restored_on_failure,
                       start_recoverable, unwrap)
 from .rows import build_rows
+from .spill import spilled
 
 
 def _edit_seed(hparams, view: dict) -> int:
@@ -72,8 +73,10 @@ def seeded(seed: int):
 
 def edit_once(adapter: MultimodalLMAdapter, view: dict, hparams, host, originals: Dict[str, torch.Tensor],
               undo: Optional[List] = None, past: Sequence[dict] = ()) -> Dict:
-    """One edit: environments, then the host's optimisation with the ODEdit objective. ``past``: the
-    earlier edits of a sequence still applied (``environments.past_edit``)."""
+    """One edit: environments, then the host's optimisation with the ODEdit objective, and - where
+    ``constraints.reprobe_rounds`` asks - more rounds with the rows the edit spilled into
+    (``spill.spilled``). ``past``: the earlier edits of a sequence still applied
+    (``environments.past_edit``)."""
     seed = _edit_seed(hparams, view)
     use_odedit = bool(getattr(hparams, "enabled", True))
     in_row = Row("IN", view["prompt"], view["target"], view.get("image"))
@@ -92,18 +95,42 @@ def edit_once(adapter: MultimodalLMAdapter, view: dict, hparams, host, originals
                        if _may_start_before_host(host, hparams) else None)
         for name in touched:
             originals.setdefault(name, before_host[name] if before_host else named[name].detach().clone())
-        cache = make_prefix_cache(adapter, touched, hparams)
-        edit_rows = EditRows(adapter, rows, hparams.risks.kl_positions, cache, reference)  # OUT references
-    previous = {n: p.requires_grad for n, p in adapter.named_parameters()}  # before a host or peft freezes them
+        edit_rows = EditRows(adapter, rows, hparams.risks.kl_positions, make_prefix_cache(adapter, touched, hparams),
+                             reference)  # OUT references
     if hasattr(host, "run_host"):  # refine family: the host edits first, ODEdit starts from its solution
         with seeded(seed):
             host.run_host(adapter, adapter.tokenizer, view, host_rows, undo)
+    logs = _optimise(adapter, host, hparams, edit_rows, seed, use_odedit, before_host)
+    rounds, added = 0, 0
+    while rounds < _reprobe_rounds(adapter, hparams, view, undo, use_odedit):
+        found = spilled(adapter, view, len(adapter.tokenizer(view["target"])["input_ids"]), hparams.environments)
+        if not found:
+            break
+        rounds, added, rows = rounds + 1, added + len(found), rows + found
+        with adapter.reusing_image_encodings():  # references from the weights before the edit (or sequence)
+            edit_rows = EditRows(adapter, rows, hparams.risks.kl_positions,
+                                 make_prefix_cache(adapter, touched, hparams), lambda: at_sequence_start(adapter, originals))
+        steps = logs["steps"]
+        logs = _optimise(adapter, host, hparams, edit_rows, seed + rounds, use_odedit)
+        logs["steps"] += steps
+    if rounds or _reprobe_rounds(adapter, hparams, view, undo, use_odedit):
+        logs.update(reprobe_rounds=float(rounds), spill_rows=float(added))
+    if hparams.environments.past_reference == "sequence_start":  # what later edits of a sequence keep
+        view["carried"] = carried_rows(rows, hparams.environments.past_rows)
+    return logs
+
+
+def _optimise(adapter: MultimodalLMAdapter, host, hparams, edit_rows: EditRows, seed: int, use_odedit: bool,
+              before_host: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, float]:
+    """The host's optimisation of the ODEdit objective over ``edit_rows``: a fixed number of steps,
+    or - with ``constraints`` on - until the edit's rows hold (at most ``max_steps``)."""
+    previous = {n: p.requires_grad for n, p in adapter.named_parameters()}  # before a host or peft freezes them
     with seeded(seed):
         params = host.prepare(adapter)
     _train_only(adapter, params)
     try:
         objective = ODEditObjective(adapter, edit_rows, params, hparams, host.lr, host.optimizer, use_odedit, seed)
-        sampler = EnvironmentSampler(rows, hparams.environments, seed)
+        sampler = EnvironmentSampler(edit_rows.rows, hparams.environments, seed)
         started_before_host = before_host is not None and objective.start_from_better(before_host)
         logs, c = {}, hparams.constraints
         checks = use_odedit and c.enabled
@@ -115,14 +142,20 @@ def edit_once(adapter: MultimodalLMAdapter, view: dict, hparams, host, originals
                 break
         objective.finish()
         logs["steps"] = float(steps)
-        if hparams.environments.past_reference == "sequence_start":  # what later edits of a sequence keep
-            view["carried"] = carried_rows(rows, hparams.environments.past_rows)
         if before_host is not None:
             logs["started_before_host"] = float(started_before_host)
     finally:
         host.finalize(adapter)
         _restore_requires_grad(adapter, previous)
     return logs
+
+
+def _reprobe_rounds(adapter: MultimodalLMAdapter, hparams, view: dict, undo, use_odedit: bool) -> int:
+    """Rounds of re-probing on the edited weights: with constraints on, where the content miner
+    described candidates and the weights before the edit can be had by copying tensors back."""
+    c = hparams.constraints
+    possible = use_odedit and c.enabled and bool(view.get("watched")) and start_recoverable(adapter, undo)
+    return c.reprobe_rounds if possible else 0
 
 
 def _sequence_reference(adapter: MultimodalLMAdapter, hparams, originals, undo, past):

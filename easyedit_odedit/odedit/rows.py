@@ -35,6 +35,7 @@ def build_rows(adapter: MultimodalLMAdapter, view: dict, hparams, seed: int, pas
     _fill_unedited_answers(adapter, rows, n_tokens)
     if past and env.past_reference == "sequence_start":
         rows = without_conflicts(rows, past)
+        view["watched"] = without_conflicts(view.get("watched", []), past)  # earlier edits moved those
     return rows + builder.past(past, view)
 
 
