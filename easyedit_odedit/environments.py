@@ -259,6 +259,12 @@ class EnvironmentBuilder:
                       for e in candidates]
         return {"text": text_rows, "image": image_rows}
 
+    def text_watch(self, seed: int, n: int) -> List[Row]:
+        """``n`` text-only pool questions for ``spill.spilled`` to ask again after the edit (their
+        targets: the unedited model's answers), drawn apart from the edit's own rows."""
+        entries = [e for e in self.pool if e.image_path is None]
+        return [Row("OUT_text", e.prompt, None) for e in random.Random(seed + 2).sample(entries, min(n, len(entries)))]
+
     def past(self, edits: Sequence[dict], view: Optional[dict] = None) -> List[Row]:
         """Rows from the earlier edits of a sequence (only edit fields: a past record's evaluation
         fields were never kept). ``past_reference: current``: each asked with its own image and
@@ -462,9 +468,19 @@ class ContentMiner:
                 "OUT_protect": protect[: k * s.protect_rows],
                 "far": [dataclasses.replace(candidates[i], content=self.content(described[i])) for i in far],
                 "edit": self.content(edit),
-                "watched": [Row("OUT_spill", q, described[i].answers[q], described[i].image, candidates[i].source,
-                                self.content(described[i]))
-                            for i in sorted(set(range(len(candidates))) - set(same)) for q in [*alike, *other]]}
+                "watched": self._watched(view, candidates, described, same[k * s.same_content_rows:], set(same),
+                                         alike, other)}
+
+    def _watched(self, view, candidates, described, unused_same, same, alike, other) -> List[Row]:
+        """What ``spill.spilled`` asks again on the edited weights: the same-content images the rows
+        do not hold, asked the edit's question (they must give its target), and every other image,
+        asked every question (they must keep their unedited answers)."""
+        carry = [Row("SE_content", q, view["target"], described[i].image, candidates[i].source,
+                     self.content(described[i])) for i in unused_same for q in alike]
+        keep = [Row("OUT_spill", q, described[i].answers[q], described[i].image, candidates[i].source,
+                    self.content(described[i]))
+                for i in range(len(candidates)) if i not in same for q in [*alike, *other]]
+        return carry + keep
 
     def content(self, description: "Description") -> tuple:
         """What an image shows, to the unedited model: its answers to the fixed probes (the same

@@ -31,6 +31,8 @@ def bench(tmp_path_factory):
                        "train": TINY_TRAINING, "val_records": 2},
               "serac": {"yaml": os.path.join(ROOT, "hparams/bench/minimmedit-serac-host.yaml"),
                         "train": TINY_TRAINING, "val_records": 2},  # single and seq2
+              # a meta-trained host's variant edits from the same archive with other editing settings
+              "variants": [{"name": "paper", "host": "MEND", "overrides": {"preset": "paper"}}],
               "not_run": {"IKE": "not in this test"}}
     path = root / "tiny.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -56,7 +58,8 @@ def test_outputs_and_fields(bench):
     assert set(res["base_model"]["accuracy"]) >= {"colour", "shape", "yesno", "text_heldout"}
     assert res["record_counts"]["per_seed"]["3"]["n_test"] == 2
     assert set(res["summary"]) == {"single", "seq2"}
-    assert set(res["summary"]["single"]) == {"FT-L", "FT-L+ODEdit", "MEND", "MEND+ODEdit", "SERAC", "SERAC+ODEdit"}
+    assert set(res["summary"]["single"]) == {"FT-L", "FT-L+ODEdit", "MEND", "MEND+ODEdit", "MEND+ODEdit[paper]",
+                                             "SERAC", "SERAC+ODEdit"}
     assert set(res["summary"]["seq2"]) == {"FT-L", "FT-L+ODEdit", "SERAC", "SERAC+ODEdit"}  # MEND: [single]
     for host, algs in (("MEND", {"MEND", "ODEdit"}), ("SERAC", {"SERAC_MULTI", "ODEdit"})):
         training = res["meta_training"][host]["3"]
@@ -70,7 +73,8 @@ def test_outputs_and_fields(bench):
     assert "| FT-L+ODEdit |" in md and "Paired per-edit differences" in md
     # the no-leakage check ran for every method of the single-editing table (2 records each) and held
     weights_only = {"records": 2, "bit_identical": 2}
-    assert res["leakage"] == {**{m: {"3": weights_only} for m in ("FT-L", "FT-L+ODEdit", "MEND", "MEND+ODEdit")},
+    assert res["leakage"] == {**{m: {"3": weights_only} for m in ("FT-L", "FT-L+ODEdit", "MEND", "MEND+ODEdit",
+                                                                  "MEND+ODEdit[paper]")},
                               **{m: {"3": dict(weights_only, what=SeracMethod.edit_kind)}
                                  for m in ("SERAC", "SERAC+ODEdit")}}
     assert "## SERAC meta-training" in md

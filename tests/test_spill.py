@@ -16,18 +16,25 @@ def _watched(values_and_answers):
     return [Row("OUT_spill", "q", answer, torch.full((3, 2, 2), float(v)), f"img{v}") for v, answer in values_and_answers]
 
 
-def test_moved_answers_are_taken_edit_target_first_one_per_image_first(monkeypatch):
-    # image value -> what the edited model now says
-    now = {1: "red", 2: "green", 3: "green", 4: "blue", 5: "green"}
-    monkeypatch.setattr(spill, "unedited_answers", lambda adapter, rows, n: [now[int(r.image.mean())] for r in rows])
+def test_wrong_answers_are_taken_edit_target_and_shortfall_first_one_per_image_first(monkeypatch):
+    # image value -> what the edited model now says (text questions: 9)
+    now = {1: "red", 2: "green", 3: "green", 4: "blue", 5: "green", 6: "red", 7: "green", 9: "five"}
+    monkeypatch.setattr(spill, "unedited_answers",
+                        lambda adapter, rows, n: [now[int(r.image.mean()) if r.image is not None else 9] for r in rows])
     watched = _watched([(1, "red"), (2, "red"), (3, "blue"), (4, "red"), (5, "red"), (3, "circle")])
+    watched += [Row("SE_content", "q", "green", torch.full((3, 2, 2), 6.0), "img6"),   # falls short of the target
+                Row("SE_content", "q", "green", torch.full((3, 2, 2), 7.0), "img7"),   # carries it
+                Row("OUT_text", "two plus two ?", "four")]                              # moved
     view = {"target": "green", "watched": list(watched)}
-    settings = EnvironmentSettings(pool_factor=1, near_miss_rows=3, probe_batch=2)
+    settings = EnvironmentSettings(pool_factor=1, near_miss_rows=4, probe_batch=2)
     taken = spill.spilled(None, view, 1, settings)
-    # 1 kept its answer; 2, 3, 5 moved to the edit's target (3 twice: its second question waits); 4 moved elsewhere
-    assert [(int(r.image.mean()), r.target) for r in taken] == [(2, "red"), (3, "blue"), (5, "red")]
-    assert view["watched"] == [watched[0], watched[3], watched[5]]  # what is taken is not asked again
-    assert [(int(r.image.mean()), r.target) for r in spill.spilled(None, view, 1, settings)] == [(3, "circle"), (4, "red")]
+    # 1 and 7 are right; 2, 3, 5 moved to the edit's target (3 twice: its second question waits), 6 fell
+    # short of it; 4 and the text question moved elsewhere
+    assert [(int(r.image.mean()), r.target) for r in taken] == [(2, "red"), (3, "blue"), (5, "red"), (6, "green")]
+    assert view["watched"] == [watched[i] for i in (0, 3, 5, 7, 8)]  # what is taken is not asked again
+    again = spill.spilled(None, view, 1, settings)
+    # image 3's other question now gives the edit's target too: first; then 4 and the text question
+    assert [(r.prompt, r.target) for r in again] == [("q", "circle"), ("q", "red"), ("two plus two ?", "four")]
 
 
 def test_a_round_trains_on_the_spill_against_the_weights_before_the_edit(world, monkeypatch):

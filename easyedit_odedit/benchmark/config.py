@@ -65,7 +65,8 @@ def load_config(path_or_dict) -> Dict[str, Any]:
     for variant in config["variants"]:
         if not {"name", "host"} <= set(variant):
             raise BenchConfigError(f"bench config: variant {variant} needs `name` and `host`")
-        if variant["host"] not in config["hosts"]:
+        meta_trained = {name for key, name in META_TRAINED_HOSTS.items() if config.get(key)}
+        if variant["host"] not in config["hosts"] and variant["host"] not in meta_trained:
             raise BenchConfigError(f"bench config: variant {variant['name']!r} names host {variant['host']!r} "
                                    f"that is not in `hosts` ({sorted(config['hosts'])})")
     curve = config.get("curve")

@@ -87,8 +87,9 @@ class MetaTrainedMethod(Method):
     host_name: str = ""     # the plugin's host name (registry)
     host_alg: str = ""      # EasyEdit's training key
 
-    def __init__(self, section: dict, odedit: bool, trained=None):
-        super().__init__(self.host_name, section["yaml"], odedit)
+    def __init__(self, section: dict, odedit: bool, trained=None, variant: Optional[str] = None,
+                 overrides: Optional[dict] = None):
+        super().__init__(self.host_name, section["yaml"], odedit, variant=variant, overrides=overrides)
         self.section, self.trained = section, trained
 
     @staticmethod
@@ -120,6 +121,7 @@ class MendMethod(MetaTrainedMethod):
 
     def hparams(self, data: Dict[str, str], model_dir: str, seed: int):
         config, host = self.host_fields(compat.import_easyeditor().MENDMultimodalHparams)
+        config = _merge(config, self.overrides)  # a variant's editing settings (the archive is the same)
         host.update(archive=self.trained(seed, self.training_alg)["archive"],
                     lr_scale=float(host.get("lr_scale", 1.0)), alg="MEND")
         config["host_hparams"] = host

@@ -232,16 +232,21 @@ def methods(config: dict) -> List[Tuple[Method, List[str]]]:
     for host, path in config["hosts"].items():
         out.append((Method(host, path, False, common=config["overrides"]), settings))
         out.append((Method(host, path, True, common=config["overrides"]), settings))
+    meta_trained = {method_cls.host_name: (method_cls, config[key]) for key, method_cls in META_TRAINED.items()
+                    if config.get(key)}
     for v in config["variants"]:
+        runs = [s for s in settings if s in v.get("settings", settings)]
+        if v["host"] in meta_trained:  # MEND's editing settings; its archive is the seed's ODEdit training
+            method_cls, section = meta_trained[v["host"]]
+            out.append((method_cls(section, True, variant=v["name"], overrides=v.get("overrides")),
+                        [s for s in runs if s in section.get("settings", settings)]))
+            continue
         out.append((Method(v["host"], config["hosts"][v["host"]], bool(v.get("odedit", True)), variant=v["name"],
-                           overrides=v.get("overrides"), common=config["overrides"]),
-                    [s for s in settings if s in v.get("settings", settings)]))
-    for key, method_cls in META_TRAINED.items():
-        section = config.get(key)
-        if section:
-            runs = [s for s in settings if s in section.get("settings", settings)]
-            for odedit in (False, True):
-                out.append((method_cls(section, odedit), runs))
+                           overrides=v.get("overrides"), common=config["overrides"]), runs))
+    for method_cls, section in meta_trained.values():
+        runs = [s for s in settings if s in section.get("settings", settings)]
+        for odedit in (False, True):
+            out.append((method_cls(section, odedit), runs))
     if config.get("ike"):
         out.append((IkeMethod(config["ike"]), [s for s in settings if s == "single"]))
     return out

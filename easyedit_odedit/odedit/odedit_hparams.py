@@ -151,6 +151,7 @@ class ODEditHyperParams:
     alg: str = "ODEdit"      # MultimodalTrainer looks up ALG_TRAIN_DICT[config.alg.upper()]
     enabled: bool = True     # false: the host alone, same parameters, optimiser and steps
     progress: bool = False   # a progress bar for each edit's optimisation steps
+    preset: str = "paper"    # the formulation the sections start from (``PRESETS``)
     environments: EnvironmentSettings = field(default_factory=EnvironmentSettings)
     risks: RiskSettings = field(default_factory=RiskSettings)
     penalty: PenaltySettings = field(default_factory=PenaltySettings)
@@ -180,7 +181,8 @@ class ODEditHyperParams:
                               f"({', '.join(HOSTS)})", problem="is missing")
         host = typed(f"{where}: host", config.pop("host"), str)
         spec = host_spec(host, where)
-        preset = _preset(where, config.pop("preset", None))
+        preset_name = _preset_name(where, config.pop("preset", None), config.get("environments"))
+        preset = PRESETS[preset_name]
         sections = {}
         for key, section_cls in SECTIONS.items():
             raw = config.pop(key, None) or {}
@@ -204,7 +206,7 @@ class ODEditHyperParams:
         base_dir = os.path.dirname(os.path.abspath(source_path)) if source_path else os.getcwd()
         host_mapping = _host_mapping(f"{where}: host_hparams", host_raw, base_dir)
         hp = cls(host=spec.name, host_hparams=host_raw, easyedit=easyedit, source_path=source_path,
-                 **flags, **sections)
+                 preset=preset_name, **flags, **sections)
         hp.host_params = spec.build_hparams(host_mapping, _inherited(easyedit), where)
         _validate_settings(hp, where)
         return hp
@@ -239,7 +241,7 @@ class ODEditHyperParams:
         return host_spec(self.host).easyedit_alg
 
     def to_dict(self) -> Dict[str, Any]:
-        out = {"alg_name": self.alg_name, "host": self.host, "host_hparams": self.host_hparams}
+        out = {"alg_name": self.alg_name, "host": self.host, "host_hparams": self.host_hparams, "preset": self.preset}
         out.update({k: dataclasses.asdict(getattr(self, k)) for k in SECTIONS})
         out.update(self.easyedit)
         return out
@@ -273,12 +275,15 @@ def _read_yaml(path: str, what: str) -> Dict[str, Any]:
     return config
 
 
-def _preset(where: str, name) -> Dict[str, Dict[str, Any]]:
+def _preset_name(where: str, name, environments) -> str:
+    """The YAML's ``preset:``; left out, ``content`` where the YAML names probes (the questions it
+    describes images by) and ``paper`` where it cannot describe content."""
     if name is None:
-        return {}
+        probes = environments.get("probes") if isinstance(environments, dict) else None
+        return "content" if probes else "paper"
     if name not in PRESETS:
         raise ODEditError(f"{where}: preset", name, f"use one of: {', '.join(PRESETS)} (or leave it out)")
-    return PRESETS[name]
+    return name
 
 
 def _host_mapping(field_name: str, raw, base_dir: str) -> Dict[str, Any]:

@@ -32,11 +32,18 @@ def build_rows(adapter: MultimodalLMAdapter, view: dict, hparams, seed: int, pas
     probes = Probes(adapter, lambda rows, n: unedited_answers(adapter, rows, n), n_tokens, env.probe_batch,
                     env.probes, index)
     rows += out["text"] + builder.near_and_far(view, rows, out["image"], probes.features, probes.answers)
+    if view.get("watched") and hparams.constraints.reprobe_rounds:  # text questions, asked again after the edit
+        text = builder.text_watch(seed, len(out["text"]) + env.probe_pool // TEXT_WATCH_SHARE)
+        view["watched"] = view["watched"] + [r for r in text if all(r.prompt != t.prompt for t in out["text"])]
+        _fill_unedited_answers(adapter, view["watched"], n_tokens)
     _fill_unedited_answers(adapter, rows, n_tokens)
     if past and env.past_reference == "sequence_start":
         rows = without_conflicts(rows, past)
         view["watched"] = without_conflicts(view.get("watched", []), past)  # earlier edits moved those
     return rows + builder.past(past, view)
+
+
+TEXT_WATCH_SHARE = 8  # text questions watched for spill: one for every 8 pool images described
 
 
 def image_processor(hparams):
