@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 
 from .. import environments
 from . import records as records_mod
-from .config import load_config
+from .config import _merge, load_config
 from .evaluation import EASYEDIT_METRICS, EVALUATION_FIELDS, Evaluation, agreement, e_results, extra_metrics, harmonic
 from .ike import IkeMethod
 from .memory import PeakRSS
@@ -238,15 +238,16 @@ def methods(config: dict) -> List[Tuple[Method, List[str]]]:
         runs = [s for s in settings if s in v.get("settings", settings)]
         if v["host"] in meta_trained:  # MEND's editing settings; its archive is the seed's ODEdit training
             method_cls, section = meta_trained[v["host"]]
-            out.append((method_cls(section, True, variant=v["name"], overrides=v.get("overrides")),
+            out.append((method_cls(section, True, variant=v["name"],
+                                   overrides=_merge(config["overrides"], v.get("overrides") or {})),
                         [s for s in runs if s in section.get("settings", settings)]))
             continue
         out.append((Method(v["host"], config["hosts"][v["host"]], bool(v.get("odedit", True)), variant=v["name"],
                            overrides=v.get("overrides"), common=config["overrides"]), runs))
     for method_cls, section in meta_trained.values():
         runs = [s for s in settings if s in section.get("settings", settings)]
-        for odedit in (False, True):
-            out.append((method_cls(section, odedit), runs))
+        for odedit in (False, True):  # the bench's overrides set the editing formulation (host fields: the section's)
+            out.append((method_cls(section, odedit, overrides=config["overrides"]), runs))
     if config.get("ike"):
         out.append((IkeMethod(config["ike"]), [s for s in settings if s == "single"]))
     return out
