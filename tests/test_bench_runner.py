@@ -84,7 +84,7 @@ def test_outputs_and_fields(bench):
 def test_per_edit_values_are_fractions_with_time_and_memory(bench):
     _, res = bench
     rows = res["per_edit"]
-    assert len(rows) == 2 * 2 + 2 * 2 + 2 * 2 * 1 + 2 * 2 + 2 * 2 * 2  # single, seq2, curve, MEND single, SERAC both
+    assert len(rows) == 2 * 2 + 2 * 2 + 2 * 2 * 1 + 2 * 3 + 2 * 2 * 2  # single, seq2, curve, MEND single (+paper), SERAC both
     for row in rows:
         for m in UNIT:
             assert row[m] is not None and 0.0 <= row[m] <= 1.0, (m, row[m])
