@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from .. import compat
+from . import world
 from .pixels import to_model_size
 
 VQA = "Question: {} Short answer:"
@@ -18,6 +19,9 @@ VQA = "Question: {} Short answer:"
 EXTRA = (("eval_gen", "gen", "edit"), ("eval_near_shape", "near_shape", "keep"),
          ("eval_near_colour", "near_colour", "keep"), ("eval_far", "far", "keep"),
          ("eval_other_family", "other_family", "keep"))
+NEAR_LISTS = ("near_shape", "near_colour")  # pooled as ``near``
+# the keep-type metrics, each also scored on the items no edit of the sequence changes (``<metric>_kept``)
+KEEP_METRICS = tuple(metric for _, metric, kind in EXTRA if kind == "keep") + ("near",)
 # what an editor must never read (the protocol's evaluation fields of an E-VQA record)
 EVALUATION_FIELDS = ("rephrase", "image_rephrase", "loc", "loc_ans", "m_loc", "m_loc_q", "m_loc_a")
 EASYEDIT_METRICS = (("rewrite_acc", "rel"), ("rephrase_acc", "t_gen"), ("image_rephrase_acc", "i_gen"),
@@ -85,13 +89,11 @@ class Evaluation:
             return e_results(self._results(e.model if model is None else model, e.model_name, e.hparams, e.tok,
                                            request, e.hparams.device))
 
-    def extra_items(self, record: dict) -> List[Tuple[str, str, str, str, str]]:
+    @staticmethod
+    def extra_items(record: dict) -> List[Tuple[str, str, str, str, str]]:
         """(metric, kind, image, prompt, target) for every extra evaluation item of a record."""
-        items = []
-        for field, metric, kind in EXTRA:
-            for item in record.get(field, []):
-                items.append((metric, kind, item["image"], VQA.format(item["question"]), item["answer"]))
-        return items
+        return [(metric, kind, item["image"], VQA.format(item["question"]), item["answer"])
+                for metric, kind, item in extra_entries(record)]
 
     def argmax(self, items: Sequence[Tuple[str, str, str, str, str]], model=None) -> List[Tuple[tuple, tuple]]:
         """(predicted ids, target ids) on the answer positions of each item, through EasyEdit's
@@ -139,19 +141,104 @@ def agreement(post: Sequence[int], pre: Sequence[int]) -> float:
     return float(sum(a == b for a, b in zip(post, pre)) / max(len(post), 1))
 
 
-def extra_metrics(items, post, pre) -> Dict[str, Optional[float]]:
+def extra_entries(record: dict) -> Iterator[Tuple[str, str, dict]]:
+    """(metric, kind, item) for every extra evaluation item of a record, in ``EXTRA`` order (the
+    order of ``Evaluation.extra_items`` and of ``changed_by_sequence``)."""
+    for field, metric, kind in EXTRA:
+        for item in record.get(field, []):
+            yield metric, kind, item
+
+
+# -- which locality items the edits evaluated together change -------------------------------------
+# In sequential editing every record of a chunk is evaluated on the model that carries all T edits.
+# A near-miss (or far, or other-family) item of one record can show the very concept another edit
+# of the chunk changes, asked in that edit's question family: a perfect editor must change its
+# answer, and post-vs-pre agreement would count that as a locality failure.
+
+@functools.lru_cache(maxsize=None)
+def _image_concept(rel: str) -> Tuple[str, str]:
+    """(shape, colour) of a record image path (``test/123.png``), from the easy-vqa world."""
+    split, name = rel.split("/")
+    image = _image_index(split)[int(name[: -len(".png")])]
+    return image.shape, image.colour
+
+
+@functools.lru_cache(maxsize=None)
+def _image_index(split: str) -> Dict[int, "world.Image"]:
+    return world.image_index(split)
+
+
+def item_concept(item: dict) -> Tuple[str, str, str]:
+    """(shape, colour, question family) of an evaluation item ``{"image", "question", "answer"}``."""
+    template, _ = world.parse_question(item["question"])
+    return (*_image_concept(item["image"]), template.family)
+
+
+def edit_scope(record: dict) -> Tuple[str, str, str]:
+    """(shape, colour, question family) a record edits."""
+    edit = record["edit"]
+    return edit["shape"], edit["colour"], edit["family"]
+
+
+def new_answers(chunk: Sequence[dict]) -> Dict[Tuple[str, str, str], set]:
+    """(shape, colour, family) -> the new answers the edits of ``chunk`` give it."""
+    out: Dict[Tuple[str, str, str], set] = {}
+    for record in chunk:
+        out.setdefault(edit_scope(record), set()).add(record["alt"])
+    return out
+
+
+def changed_by_sequence(record: dict, chunk: Sequence[dict]) -> List[bool]:
+    """Per extra item of ``record`` (``extra_entries`` order): True for a keep-type item whose
+    concept and question family some edit of ``chunk`` (the records edited before the evaluation)
+    edits to an answer other than the item's own. The records' answers are the true answers; the
+    unedited model's answer is checked against them in ``extra_metrics``."""
+    edited = new_answers(chunk)
+    flags = []
+    for _, kind, item in extra_entries(record):
+        targets = edited.get(item_concept(item), set()) if kind == "keep" else set()
+        flags.append(bool(targets - {item["answer"]}))
+    return flags
+
+
+# -- per-edit metrics ---------------------------------------------------------------------------
+def extra_metrics(items, post, pre, changed: Optional[Sequence[bool]] = None) -> Dict[str, Any]:
     """Per-edit extra metrics: ``gen`` (accuracy of the new answer), ``near_shape``, ``near_colour``,
-    ``far``, ``other_family`` (post-vs-pre agreement), ``near`` (both near-miss lists pooled)."""
+    ``far``, ``other_family`` (post-vs-pre agreement), ``near`` (both near-miss lists pooled).
+
+    Each keep-type metric also as ``<metric>_kept``: over the items the evaluated edits leave alone,
+    leaving out an item when ``changed`` flags it (``changed_by_sequence``) *and* the unedited model
+    gave its true answer there, so its answer must move for the edit to hold. Where the unedited
+    model was already wrong, it may have given the new answer; the item is kept (conservative:
+    nothing is left out that a perfect editor could keep). ``excluded`` / ``items``: per keep-type
+    metric, the items left out and the items there were."""
+    changed = list(changed) if changed is not None else [False] * len(items)
     sums: Dict[str, List[float]] = {}
-    for (metric, kind, *_), (post_ids, labels), (pre_ids, _) in zip(items, post, pre):
+    kept: Dict[str, List[float]] = {m: [] for m in KEEP_METRICS}
+    excluded = {m: 0 for m in KEEP_METRICS}
+    for (metric, kind, *_), (post_ids, labels), (pre_ids, _), moved in zip(items, post, pre, changed):
         if kind == "edit":
-            value = float(sum(p == t for p, t in zip(post_ids, labels)) / max(len(labels), 1))
-        else:
-            value = agreement(post_ids, pre_ids)
-        sums.setdefault(metric, []).append(value)
-        if metric in ("near_shape", "near_colour"):
-            sums.setdefault("near", []).append(value)
-    return {m: (sum(v) / len(v) if v else None) for m, v in sums.items()}
+            accuracy = sum(p == t for p, t in zip(post_ids, labels)) / max(len(labels), 1)
+            sums.setdefault(metric, []).append(float(accuracy))
+            continue
+        value = agreement(post_ids, pre_ids)
+        must_move = moved and tuple(pre_ids) == tuple(labels)
+        for name in (metric, "near") if metric in NEAR_LISTS else (metric,):
+            sums.setdefault(name, []).append(value)
+            if must_move:
+                excluded[name] += 1
+            else:
+                kept[name].append(value)
+    out: Dict[str, Any] = {m: _mean_or_none(v) for m, v in sums.items()}
+    present = [m for m in KEEP_METRICS if m in sums]
+    out.update({f"{m}_kept": _mean_or_none(kept[m]) for m in present})
+    out["excluded"] = {m: excluded[m] for m in present}
+    out["items"] = {m: len(sums[m]) for m in present}
+    return out
+
+
+def _mean_or_none(values: Sequence[float]) -> Optional[float]:
+    return sum(values) / len(values) if values else None
 
 
 def harmonic(a: Optional[float], b: Optional[float]) -> Optional[float]:

@@ -17,8 +17,12 @@
   resamples of the edits, percentile), ``n``, and the differences themselves with their keys;
 * ``time_memory[setting][method]``: per-edit wall time (mean, median, s) and peak RSS (MiB);
 * ``curve``: Rel-vs-locality points over the host learning rate, host alone and with ODEdit;
+* ``excluded[setting][method][metric]``: items left out of the fair locality figures
+  (``excluded``), items there were (``items``) and the ``share``;
+* ``fair_fallback_rows[setting]``: rows of an ``edits.jsonl`` written before the fair figures (their
+  all-items figures stand in; the tables say so);
 * ``not_run``: what the config lists as not run, with the reason;
-* ``per_edit``: every row of ``edits.jsonl``.
+* ``per_edit``: every row of ``edits.jsonl``, as written.
 
 Metrics (fractions in [0, 1]; the tables show %): ``rel`` (EasyEdit ``rewrite_acc``), ``t_gen``
 (``rephrase_acc``, the held-out template), ``i_gen`` (``image_rephrase_acc``), ``t_loc``
@@ -28,6 +32,14 @@ images: ``near_shape`` same shape other colour, ``near_colour`` same colour othe
 (other shape and colour), ``other_family`` (the other question family on the edit image),
 ``i_gen_all`` (I-Gen over ``image_rephrase`` and the ``gen`` images), ``hm`` (per-edit harmonic mean
 of ``i_gen_all`` and ``near``).
+
+Fair locality: ``near_kept``, ``near_shape_kept``, ``near_colour_kept``, ``far_kept``,
+``other_family_kept`` and ``hm_kept`` are the same figures over the items that no edit evaluated
+with the record changes (``evaluation.changed_by_sequence``). In single editing that is every item
+(the figures are equal); in a sequence it leaves out the items whose concept and question family
+another edit of the chunk edits, which a perfect editor must change. The tables show the fair
+figures as Near, Far, Other-Q and HM, and in sequences today's all-items figures beside them as
+"(all items)".
 """
 from __future__ import annotations
 
@@ -35,17 +47,26 @@ import json
 import os
 import sys
 from collections import defaultdict
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+# the fair figure (items no edit evaluated with it changes) -> today's figure over all items
+KEPT = {"near_kept": "near", "near_shape_kept": "near_shape", "near_colour_kept": "near_colour",
+        "far_kept": "far", "other_family_kept": "other_family", "hm_kept": "hm"}
 METRICS = ("rel", "t_gen", "i_gen", "t_loc", "i_loc", "gen", "near", "near_shape", "near_colour", "far",
-           "other_family", "i_gen_all", "hm")
-PAIRED = ("rel", "t_gen", "i_gen", "i_gen_all", "near", "hm", "i_loc", "far", "t_loc", "other_family")
+           "other_family", "i_gen_all", "hm") + tuple(KEPT)
+PAIRED = ("rel", "t_gen", "i_gen", "i_gen_all", "near", "hm", "i_loc", "far", "t_loc", "other_family") + tuple(KEPT)
 LABELS = {"rel": "Rel", "t_gen": "T-Gen", "i_gen": "I-Gen", "t_loc": "T-Loc", "i_loc": "I-Loc", "gen": "Gen5",
-          "near": "Near", "near_shape": "Near-S", "near_colour": "Near-C", "far": "Far",
-          "other_family": "Other-Q", "i_gen_all": "I-Gen6", "hm": "HM(I-Gen6,Near)"}
-TABLE_COLUMNS = ("rel", "t_gen", "i_gen", "t_loc", "i_loc", "gen", "near", "far", "other_family", "hm")
+          "near_kept": "Near", "near_shape_kept": "Near-S", "near_colour_kept": "Near-C", "far_kept": "Far",
+          "other_family_kept": "Other-Q", "i_gen_all": "I-Gen6", "hm_kept": "HM(I-Gen6,Near)",
+          "near": "Near (all items)", "near_shape": "Near-S (all items)", "near_colour": "Near-C (all items)",
+          "far": "Far (all items)", "other_family": "Other-Q (all items)", "hm": "HM (all items)"}
+TABLE_COLUMNS = ("rel", "t_gen", "i_gen", "t_loc", "i_loc", "gen", "near_kept", "far_kept", "other_family_kept",
+                 "hm_kept")
+ALL_ITEMS_COLUMNS = ("near", "far", "other_family")  # beside the fair figures in sequence tables
+PAIRED_COLUMNS = ("rel", "t_gen", "i_gen", "i_gen_all", "near_kept", "far_kept", "hm_kept")
+EXCLUDED_SHOWN = ("near", "far", "other_family")
 BOOTSTRAP = 2000
 SETTING_ORDER = ("single", "seq5", "seq10")
 
@@ -63,6 +84,39 @@ def bootstrap_ci(diffs: Sequence[float], resamples: int = BOOTSTRAP, seed: int =
     rng = np.random.default_rng(seed)
     means = values[rng.integers(0, len(values), size=(resamples, len(values)))].mean(axis=1)
     return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+
+
+def with_fair_fallback(rows: List[dict]) -> Tuple[List[dict], Dict[str, int]]:
+    """The rows the tables read, and per setting how many rows predate the fair locality figures
+    (an ``edits.jsonl`` written before them): those rows get today's all-items figures in their
+    place - the same figures in single editing, where no other edit is evaluated with a record;
+    the report says so for sequences."""
+    out, old = [], defaultdict(int)
+    for r in rows:
+        if "excluded" in r:
+            out.append(r)
+        else:
+            old[r["setting"]] += 1
+            out.append({**r, **{fair: r.get(everything) for fair, everything in KEPT.items()}})
+    return out, dict(old)
+
+
+def excluded_shares(rows: List[dict]) -> Dict[str, Dict[str, Dict[str, Dict[str, float]]]]:
+    """Per setting, method and keep-type metric: items left out of the fair figure (changed by
+    another edit of the chunk), items there were, and the share; rows without the counts are not
+    counted."""
+    counts: Dict[tuple, List[int]] = defaultdict(lambda: [0, 0])
+    for r in rows:
+        if r["setting"] == "curve" or "excluded" not in r:
+            continue
+        for metric, n_items in r["items"].items():
+            counts[r["setting"], r["method"], metric][0] += r["excluded"][metric]
+            counts[r["setting"], r["method"], metric][1] += n_items
+    out: Dict[str, Dict[str, Dict[str, Dict[str, float]]]] = {}
+    for (setting, method, metric), (e, n) in counts.items():
+        out.setdefault(setting, {}).setdefault(method, {})[metric] = {"excluded": e, "items": n,
+                                                                      "share": e / n if n else 0.0}
+    return out
 
 
 def _mean(values) -> Optional[float]:
@@ -157,7 +211,8 @@ def curve_points(rows: List[dict]) -> List[dict]:
 
 
 def build(out: str, show: bool = True) -> Dict[str, Any]:
-    rows = load_rows(out)
+    original = load_rows(out)
+    rows, without_fair = with_fair_fallback(original)
     with open(os.path.join(out, "run.json")) as f:
         meta = json.load(f)
     config = meta.get("config", {})
@@ -179,10 +234,12 @@ def build(out: str, show: bool = True) -> Dict[str, Any]:
     results["paired"] = paired_differences(rows)
     results["time_memory"] = time_memory(rows)
     results["curve"] = curve_points(rows)
+    results["excluded"] = excluded_shares(rows)
+    results["fair_fallback_rows"] = without_fair
     results["meta_training"] = meta.get("meta_training", {})
     results["leakage"] = meta.get("leakage", {})
     results["not_run"] = config.get("not_run", {})
-    results["per_edit"] = rows
+    results["per_edit"] = original
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     md = markdown(results)
@@ -235,54 +292,23 @@ def markdown(results: Dict[str, Any]) -> str:
              "EasyEdit's own evaluation (locality = post-vs-pre argmax agreement). Gen5: new answer on 5 more images "
              "of the edited concept; Near: agreement on 10 near-miss images (same shape other colour, same colour "
              "other shape); Far: other shape and colour; Other-Q: the other question family on the edit image; "
-             "HM: per-edit harmonic mean of I-Gen6 (image_rephrase + Gen5 images) and Near. "
+             "HM: per-edit harmonic mean of I-Gen6 (image_rephrase + Gen5 images) and Near. In sequences "
+             "(seqT) Near/Far/Other-Q/HM leave out the items another edit of the chunk changes; '(all items)': "
+             "over every item (the same figures in single editing). "
              f"s/edit: median wall time of the edit call; MiB: median peak process RSS during it "
              f"({meta.get('memory_measure')}); +MiB: the largest growth of that peak over the RSS at the start of the "
              "edit (what the edit itself added; the process RSS includes the shared caches). CPU, "
              f"{meta.get('threads')} torch thread(s).",
              ""]
-    summary, tm = results["summary"], results["time_memory"]
-    for setting in _sorted_settings(summary):
-        by_method = summary[setting]
-        n = {m: e["n_edits"] for m, e in by_method.items()}
-        lines += [f"## {setting}" + (" (each edit restored)" if setting == "single" else
-                                      f" (T = {setting[3:]} edits applied, then all evaluated)"), "",
-                  "| method | edits | " + " | ".join(LABELS[c] for c in TABLE_COLUMNS) + " | s/edit | MiB | +MiB |",
-                  "|---|---:|" + "---:|" * (len(TABLE_COLUMNS) + 3)]
-        for method in _method_order(by_method, config):
-            e = by_method[method]
-            t = tm.get(setting, {}).get(method, {})
-            lines.append(f"| {method} | {n[method]} | " + " | ".join(_pct(e.get(c)) for c in TABLE_COLUMNS)
-                         + f" | {t.get('edit_s_median', float('nan')):.3f} | {t.get('peak_rss_mib_median', float('nan')):.0f}"
-                         f" | {t.get('rss_delta_mib_max', float('nan')):.0f} |")
-        lines.append("")
-        paired = results["paired"].get(setting, {})
-        if paired:
-            cols = ("rel", "t_gen", "i_gen", "i_gen_all", "near", "far", "hm")
-            lines += [f"Paired per-edit differences (method − host alone, points; bootstrap 95% CI, {BOOTSTRAP} resamples):", "",
-                      "| method | n | " + " | ".join(f"Δ{LABELS[c]}" for c in cols) + " |",
-                      "|---|---:|" + "---:|" * len(cols)]
-            for method in _method_order(paired, config):
-                p = paired[method]
-                cells = []
-                for c in cols:
-                    d = p.get(c)
-                    cells.append("–" if not d else f"{100 * d['mean']:+.1f} [{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}]")
-                n_pairs = max((p[c]["n"] for c in cols if c in p), default=0)
-                lines.append(f"| {method} | {n_pairs} | " + " | ".join(cells) + " |")
-            lines.append("")
-        alone = [m for m in _method_order(by_method, config)
-                 if "+" not in m and "[" not in m and not any(o.startswith(m + "+") for o in by_method)]
-        if alone:
-            lines += [f"{', '.join(alone)}: no +ODEdit partner (IKE changes no weights, so ODEdit cannot decorate it); "
-                      "not in the paired differences.", ""]
+    for setting in _sorted_settings(results["summary"]):
+        lines += setting_section(results, setting)
     if results["curve"]:
         lines += ["## Rel vs locality over the host learning rate (single editing)", "",
                   "| method | lr | n | Rel | T-Gen | I-Gen6 | I-Loc | Near | Far | HM |", "|---|---:|---:|" + "---:|" * 7]
         for p in results["curve"]:
             lines.append(f"| {p['method']} | {p['lr']:g} | {p['n']} | " + " | ".join(
                 "–" if p.get(c) is None else f"{100 * p[c]:.1f}"
-                for c in ("rel", "t_gen", "i_gen_all", "i_loc", "near", "far", "hm")) + " |")
+                for c in ("rel", "t_gen", "i_gen_all", "i_loc", "near_kept", "far_kept", "hm_kept")) + " |")
         lines.append("")
     for host, by_seed in (results.get("meta_training") or {}).items():
         lines += [f"## {host} meta-training (EasyEdit's MultimodalTrainer, train split; EasyEdit's validation on "
@@ -319,6 +345,91 @@ def markdown(results: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def is_sequence(setting: str) -> bool:
+    return setting.startswith("seq")
+
+
+def shows_all_items(results: Dict[str, Any], setting: str) -> bool:
+    """Sequence tables show the all-items figures beside the fair ones, where the rows have both."""
+    return is_sequence(setting) and not (results.get("fair_fallback_rows") or {}).get(setting)
+
+
+def setting_section(results: Dict[str, Any], setting: str) -> List[str]:
+    """One setting's table, its fair-locality note (sequences), its paired differences."""
+    config, by_method = results.get("config", {}), results["summary"][setting]
+    tm = results["time_memory"].get(setting, {})
+    columns = TABLE_COLUMNS + (ALL_ITEMS_COLUMNS if shows_all_items(results, setting) else ())
+    lines = [f"## {setting}" + (" (each edit restored)" if setting == "single" else
+                                 f" (T = {setting[3:]} edits applied, then all evaluated)"), "",
+             "| method | edits | " + " | ".join(LABELS[c] for c in columns) + " | s/edit | MiB | +MiB |",
+             "|---|---:|" + "---:|" * (len(columns) + 3)]
+    for method in _method_order(by_method, config):
+        e, t = by_method[method], tm.get(method, {})
+        lines.append(f"| {method} | {e['n_edits']} | " + " | ".join(_pct(e.get(c)) for c in columns)
+                     + f" | {t.get('edit_s_median', float('nan')):.3f} | {t.get('peak_rss_mib_median', float('nan')):.0f}"
+                     f" | {t.get('rss_delta_mib_max', float('nan')):.0f} |")
+    lines.append("")
+    if is_sequence(setting):
+        lines += [fair_note(results, setting), ""]
+    lines += paired_table(results, setting)
+    alone = [m for m in _method_order(by_method, config)
+             if "+" not in m and "[" not in m and not any(o.startswith(m + "+") for o in by_method)]
+    if alone:
+        lines += [f"{', '.join(alone)}: no +ODEdit partner (IKE changes no weights, so ODEdit cannot decorate it); "
+                  "not in the paired differences.", ""]
+    return lines
+
+
+def fair_note(results: Dict[str, Any], setting: str) -> str:
+    """What a sequence table's Near/Far/Other-Q leave out, and how much."""
+    old = (results.get("fair_fallback_rows") or {}).get(setting, 0)
+    if old:
+        return (f"**Fair locality not recorded**: {old} rows of this setting come from an edits.jsonl written before "
+                "the runner told apart the items another edit of the chunk changes; Near/Far/Other-Q/HM here are "
+                "over all items (a perfect editor scores below 100 on them).")
+    by_method = (results.get("excluded") or {}).get(setting, {})
+    return ("Near, Far, Other-Q and HM count only the items no edit of the chunk changes: an item whose image shows "
+            "the (shape, colour) another edit of the chunk edits, asked in that edit's question family, must change "
+            "for that edit to hold, so it is left out (items left out: " + excluded_text(by_method) + "). "
+            "The '(all items)' columns are post-vs-pre agreement over every item, as in single editing.")
+
+
+def excluded_text(by_method: Dict[str, Dict[str, Dict[str, float]]]) -> str:
+    """"Near 19.0% (38 of 200 per method), ..." where every method left out the same items (they
+    edit the same chunks), else the range of the shares over methods."""
+    parts = []
+    for metric in EXCLUDED_SHOWN:
+        counts = {(c[metric]["excluded"], c[metric]["items"]) for c in by_method.values() if metric in c}
+        if len(counts) == 1:
+            (e, n), = counts
+            parts.append(f"{LABELS[metric + '_kept']} {100 * e / n:.1f}% ({e} of {n} per method)")
+        elif counts:
+            shares = [100 * e / n for e, n in counts]
+            parts.append(f"{LABELS[metric + '_kept']} {min(shares):.1f}–{max(shares):.1f}% by method")
+    return ", ".join(parts)
+
+
+def paired_table(results: Dict[str, Any], setting: str) -> List[str]:
+    paired = results["paired"].get(setting, {})
+    if not paired:
+        return []
+    cols = PAIRED_COLUMNS + (("near",) if shows_all_items(results, setting) else ())
+    lines = [f"Paired per-edit differences (method − host alone, points; bootstrap 95% CI, {BOOTSTRAP} resamples):", "",
+             "| method | n | " + " | ".join(f"Δ{LABELS[c]}" for c in cols) + " |",
+             "|---|---:|" + "---:|" * len(cols)]
+    for method in _method_order(paired, results.get("config", {})):
+        p = paired[method]
+        cells = [_difference(p.get(c)) for c in cols]
+        n_pairs = max((p[c]["n"] for c in cols if c in p), default=0)
+        lines.append(f"| {method} | {n_pairs} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _difference(d: Optional[dict]) -> str:
+    """A paired difference with its interval, in points."""
+    return "–" if not d else f"{100 * d['mean']:+.1f} [{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}]"
+
+
 # -------------------------------------------------------------------------------------------------
 # Figure
 # -------------------------------------------------------------------------------------------------
@@ -337,7 +448,7 @@ def plot(results: Dict[str, Any], path: str) -> None:
     config = results.get("config", {})
     summary = results["summary"]
     settings = _sorted_settings(summary)
-    metrics = ("rel", "t_gen", "i_gen_all", "i_loc", "near", "far", "hm")
+    metrics = ("rel", "t_gen", "i_gen_all", "i_loc", "near_kept", "far_kept", "hm_kept")
     has_curve = bool(results["curve"])
     n_panels = len(settings) + (1 if has_curve else 0)
     n_cols = min(max(n_panels, 1), 2)
@@ -365,11 +476,13 @@ def plot(results: Dict[str, Any], path: str) -> None:
                    alpha=1.0 if "+ODEdit" in method else 0.45, hatch=hatch,
                    edgecolor="black", linewidth=0.4, label=method)
         ax.set_xticks(x)
-        ax.set_xticklabels([LABELS[m] if m != "hm" else "HM" for m in metrics], fontsize=8)
+        ax.set_xticklabels([LABELS[m] if m != "hm_kept" else "HM" for m in metrics], fontsize=8)
         ax.set_ylim(0, 105)
         ax.set_ylabel("%")
         variants = " and its [variants] (cross-hatched)" if shown else ""
-        ax.set_title(f"{setting}: host alone (light) vs +ODEdit (hatched){variants}, ± std over seeds", fontsize=9)
+        fair = "; Near/Far: items no edit of the chunk changes" if is_sequence(setting) else ""
+        ax.set_title(f"{setting}: host alone (light) vs +ODEdit (hatched){variants}, ± std over seeds{fair}",
+                     fontsize=9)
         ax.legend(fontsize=7, ncol=min(len(methods), 4), loc="upper center", bbox_to_anchor=(0.5, -0.08),
                   frameon=False)
         ax.grid(axis="y", alpha=0.3)
@@ -381,7 +494,7 @@ def plot(results: Dict[str, Any], path: str) -> None:
         for (host, odedit), pts in groups.items():
             pts = sorted(pts, key=lambda p: p["lr"])
             colour = cmap(hosts.index(host) % 10 if host in hosts else 9)
-            xs = [100 * (p["near"] or 0) for p in pts]
+            xs = [100 * (p["near_kept"] or 0) for p in pts]
             ys = [100 * (p["rel"] or 0) for p in pts]
             ax.plot(xs, ys, marker="o", linestyle="-" if odedit else "--", color=colour,
                     alpha=1.0 if odedit else 0.6, label=f"{host}{'+ODEdit' if odedit else ''}")

@@ -23,9 +23,12 @@ memory and the model EasyEdit returns is evaluated).
 
 Every edit is also scored on the protocol's extra evaluation (``eval_gen``, ``eval_near_shape``,
 ``eval_near_colour``, ``eval_far``, ``eval_other_family``; see ``evaluation.EXTRA``), with EasyEdit's
-``prepare_multimodal_edit`` / ``compute_multimodal_edit_quality`` on the edited model. The runner
-writes one JSON line per edit to ``DIR/edits.jsonl`` and the run's metadata to ``DIR/run.json``;
-``report.build`` turns them into ``results.json``, ``results.md`` and ``results.png``.
+``prepare_multimodal_edit`` / ``compute_multimodal_edit_quality`` on the edited model. The
+keep-type extras are also scored on the items no edit of the chunk changes (``near_kept``,
+``far_kept``, ...; ``evaluation.changed_by_sequence``): in a sequence, another edit of the chunk
+can edit the very concept a near-miss item shows. The runner writes one JSON line per edit to
+``DIR/edits.jsonl`` and the run's metadata to ``DIR/run.json``; ``report.build`` turns them into
+``results.json``, ``results.md`` and ``results.png``.
 
 What an editor sees: the record's ``image``/``src``/``alt`` (through EasyEdit's request), the
 train-split pool (``environments.locality_pool``) and ``world.paraphrases`` (never a held-out
@@ -52,7 +55,8 @@ from tqdm.auto import tqdm
 from .. import environments
 from . import records as records_mod
 from .config import _merge, load_config
-from .evaluation import EASYEDIT_METRICS, EVALUATION_FIELDS, Evaluation, agreement, e_results, extra_metrics, harmonic
+from .evaluation import (EASYEDIT_METRICS, EVALUATION_FIELDS, Evaluation, agreement, changed_by_sequence, e_results,
+                         extra_metrics, harmonic)
 from .ike import IkeMethod
 from .memory import PeakRSS
 from .meta_training import train_meta
@@ -101,6 +105,7 @@ class SeedRun:
                  five_pre: List[dict], extra_post: List[list], extra_pre: List[list], items: List[list],
                  timing: List[Tuple[float, float]], chunk: Optional[int] = None) -> List[dict]:
         rows = []
+        evaluated_together = [record for _, record in records]  # the chunk; one record in single editing
         for j, (index, record) in enumerate(records):
             post, pre = five_post[j], five_pre[j]
             row = {"seed": self.seed, "setting": setting, "chunk": chunk, "method": method.name,
@@ -112,10 +117,12 @@ class SeedRun:
                 row[name] = post.get(key)
             for key, name in EASYEDIT_METRICS[:3]:
                 row[f"pre_{name}"] = pre.get(key)
-            row.update(extra_metrics(items[j], extra_post[j], extra_pre[j]))
+            changed = changed_by_sequence(record, evaluated_together)
+            row.update(extra_metrics(items[j], extra_post[j], extra_pre[j], changed))
             k = len(record.get("eval_gen", [])) if row.get("gen") is not None else 0
             row["i_gen_all"] = (row["i_gen"] + k * (row["gen"] or 0.0)) / (1 + k)  # image_rephrase + eval_gen
             row["hm"] = harmonic(row["i_gen_all"], row.get("near"))
+            row["hm_kept"] = harmonic(row["i_gen_all"], row.get("near_kept"))
             row["edit_s"], row["peak_rss_mib"], before = timing[j]
             row["rss_delta_mib"] = row["peak_rss_mib"] - before  # growth over the RSS at the start of the edit
             rows.append(row)
