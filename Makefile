@@ -24,8 +24,10 @@ test: venv
 demo: venv
 	$(VENV)/bin/odedit demo --out results/demo
 
+BENCH_WORKERS ?= 2
+
 bench: venv
-	$(VENV)/bin/odedit bench --config hparams/bench/full.yaml --out benchmarks/results/full
+	$(VENV)/bin/odedit bench --config hparams/bench/full.yaml --out benchmarks/results/full --workers $(BENCH_WORKERS)
 
 clean:
 	rm -rf $(VENV) results
