@@ -13,7 +13,7 @@ from easyedit_odedit.odedit.restore import at_sequence_start
 from easyedit_odedit import compat
 from tests.conftest import PROMPT, edit_kwargs
 from tests.test_content_environments import _content_yaml
-from tests.test_edit import _sequence, same, state
+from tests.test_edit import _sequence, same, sequences_with_other_evaluation_fields, state
 
 OTHER_PROMPT = "question : what shape is in the image ? short answer :"
 
@@ -95,14 +95,4 @@ def _requests(editor, world, prompts, targets):
 
 def test_a_content_sequence_does_not_depend_on_earlier_records_evaluation_fields(world):
     hp = ODEditHyperParams.from_hparams(_content_yaml(world, preset="content", constraints={"max_steps": 6}))
-    editor = MultimodalEditor.from_hparams(hp)
-    results = []
-    for rephrase, loc in [("what is the color of the shape ?", "what is two plus three ?"),
-                          ("is there a circle ?", "what is one plus one ?")]:
-        first = _sequence(editor, ["green"], world=world, rephrase=rephrase, loc_prompt=loc)[0]
-        second = _sequence(editor, ["blue"], world=world)[0]
-        for request in (first, second):
-            apply_odedit_to_multimodal_model(editor.model, editor.tok, [request], hp, keep_original_weight=False)
-        results.append(state(editor.model))
-        restore_all(editor.model)
-    assert same(*results)
+    assert same(*sequences_with_other_evaluation_fields(world, hp))

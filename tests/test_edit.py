@@ -132,6 +132,11 @@ def test_a_sequence_keeps_its_earlier_edits_as_out_rows(world, monkeypatch):
 
 def test_a_sequence_does_not_depend_on_earlier_records_evaluation_fields(world):
     hp = ODEditHyperParams.from_hparams(write_yaml(world, "FT-L", HOSTS["FT-L"]))
+    assert same(*sequences_with_other_evaluation_fields(world, hp))
+
+
+def sequences_with_other_evaluation_fields(world, hp):
+    """The weights after the same two-edit sequence, twice: the first request's evaluation fields differ."""
     editor = MultimodalEditor.from_hparams(hp)
     results = []
     for rephrase, loc in [("what is the color of the shape ?", "what is two plus three ?"),
@@ -142,7 +147,7 @@ def test_a_sequence_does_not_depend_on_earlier_records_evaluation_fields(world):
             apply_odedit_to_multimodal_model(editor.model, editor.tok, [request], hp, keep_original_weight=False)
         results.append(state(editor.model))
         restore_all(editor.model)
-    assert same(*results)
+    return results
 
 
 def test_a_failed_edit_leaves_the_weights_untouched(world):
