@@ -1,6 +1,6 @@
 """One prepared GPU check (run where a CUDA device exists; prints everything it measures).
 
-    python benchmarks/gpu_check.py [--big] [--steps 10]
+    python benchmarks/gpu_check.py [--big] [--steps 10] [--preset paper|content] [--pool-index DIR|auto] [--json]
 
 1. The same code on CUDA without the CPU redirect: an ODEdit edit through EasyEdit's own
    ``MultimodalEditor`` (``device: 0``) on a small model, EasyEdit's metrics, and bit-identical
@@ -12,7 +12,10 @@
    ViT-L/14-336 + Llama-7B, bf16), for each host of ``overhead.LLAVA_HOSTS`` (FT-L on the top two layers' MLPs
    and on the top MLP alone, LoRA, FT-V on the projector).
 On a machine without CUDA it runs on the CPU with a 2-layer stand-in for the big model (to test
-the script itself).
+the script itself). ``--preset content`` times the content preset; its pool index (every pool
+image's features and probe answers) is built in the first run's warm-up edit, once per model and
+process, and with ``--pool-index DIR`` kept there for the next run (a rerun on the same GPU, torch
+and weights loads it instead of building it).
 """
 from __future__ import annotations
 
@@ -85,9 +88,9 @@ def measure(adapter, hp, views):
     if CUDA:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    times, setup, _ = time_edits(adapter, hp, views)
+    timed = time_edits(adapter, hp, views)
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if CUDA else float("nan")
-    return statistics.median(times), statistics.median(setup) if setup else 0.0, times, peak
+    return statistics.median(timed.times), statistics.median(timed.setup) if timed.setup else 0.0, timed.times, peak
 
 
 # (run, ODEdit settings, plain batched steps): the host alone with and without the prefix cache (a
@@ -99,11 +102,12 @@ RUNS = (("host", {"enabled": False}, False),
         ("host+ODEdit", {"enabled": True}, False))
 
 
-def compare(name, adapter, base_config, data, steps, views):
-    """Per-edit time and peak memory of each of ``RUNS`` at the same host settings and steps."""
+def compare(name, adapter, base_config, data, steps, views, method=None):
+    """Per-edit time and peak memory of each of ``RUNS`` at the same host settings and steps
+    (``method``: ODEdit settings for every run, e.g. a preset and where its pool index lives)."""
     rows = {}
     for run, settings, batched in RUNS:
-        hp = world_hparams(base_config, data, SHIPPED, steps, **settings)
+        hp = world_hparams(base_config, data, SHIPPED, steps, **settings, **(method or {}))
         try:
             with batched_nll_steps() if batched else contextlib.nullcontext():
                 rows[run] = measure(adapter, hp, views)
@@ -138,7 +142,12 @@ def main():
     parser.add_argument("--big", action="store_true")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--json", action="store_true", help="end with one JSON line: the figures of every comparison")
+    parser.add_argument("--preset", default="", choices=["", "paper", "content"], help="ODEdit's preset (default: the YAML's)")
+    parser.add_argument("--pool-index", default="", help="environments.pool_index: a folder or auto keeps the content "
+                        "preset's index for the next run (default: memory)")
     args = parser.parse_args()
+    method = {**({"preset": args.preset} if args.preset else {}),
+              **({"environments": {"pool_index": args.pool_index}} if args.pool_index else {})}
     figures = {}
     print(f"torch {torch.__version__}, CUDA {CUDA} ({torch.cuda.get_device_name(0) if CUDA else 'cpu'}), "
           f"easyeditor flavour {compat.flavour()}")
@@ -149,7 +158,7 @@ def main():
     small_ft_l = host_config("FT-L")
     check_editor(small_ft_l, data, records)
     small = load_adapter(SHIPPED).to(DEVICE)
-    figures["small"] = compare("small", small, small_ft_l, data, args.steps, edit_views(edits, DEVICE))
+    figures["small"] = compare("small", small, small_ft_l, data, args.steps, edit_views(edits, DEVICE), method)
     if args.big:
         del small
         start = time.time()
@@ -158,7 +167,8 @@ def main():
         views = edit_views(edits, DEVICE, torch.bfloat16 if CUDA else torch.float32)
         with contents_judged_distinct():  # random weights: the trained model's rows (overhead.py)
             for name in LLAVA_HOSTS:
-                figures[f"big {name}"] = compare(f"big {name}", big, host_config(name, llava=True), data, args.steps, views)
+                figures[f"big {name}"] = compare(f"big {name}", big, host_config(name, llava=True), data, args.steps, views,
+                                                 method)
     if args.json:
         print(json.dumps({"device": torch.cuda.get_device_name(0) if CUDA else "cpu", "steps": args.steps,
                           "comparisons": figures}))

@@ -1,6 +1,7 @@
 """Per-edit cost of ODEdit against its host, at equal optimisation steps and default settings.
 
     python benchmarks/overhead.py [--model DIR | --shape medium] [--host FT-L] [--steps 20] [--edits 5] [--device cpu]
+                                  [--preset paper|content] [--pool-index DIR|auto] [--modes ...] [--json]
 
 ``--shape medium``: instead of the shipped 1 M-parameter model, a random-weight LLaVA (transformers'
 ``LlavaForConditionalGeneration``: CLIP + Llama, a 32k vocabulary) of ~50 M parameters, small
@@ -22,6 +23,7 @@ per step and per whole edit.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import json
 import os
@@ -30,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Dict, List, NamedTuple
 
 MODES = ("host", "batched_nll", "odedit", "odedit_nocache")
 
@@ -67,11 +70,15 @@ def edit_views(edits, device, dtype=None) -> list:
 
 def host_config(host: str, llava: bool = False) -> dict:
     """The ODEdit config a run starts from: the shipped model's ``hparams/ODEdit/minimmedit-*.yaml``
-    (default settings), or with ``llava`` the host of the real-model YAMLs (``LLAVA_HOSTS``)."""
+    (default settings), or with ``llava`` the host of the real-model YAMLs (``LLAVA_HOSTS``) with
+    the shipped YAMLs' probes (``preset: content`` needs them; the random shapes read the same
+    MiniMMEdit world through a word tokenizer)."""
     import yaml
 
     if llava:
-        return {"alg_name": "ODEdit", "host": host.split()[0], "host_hparams": LLAVA_HOSTS[host]}
+        probes = host_config("FT-L")["environments"]["probes"]
+        return {"alg_name": "ODEdit", "host": host.split()[0], "host_hparams": LLAVA_HOSTS[host],
+                "environments": {"probes": probes}}
     with open(os.path.join(HPARAMS, YAMLS[host])) as f:
         return yaml.safe_load(f)
 
@@ -90,8 +97,10 @@ def world_hparams(config: dict, data: dict, model_dir: str, steps: int, enabled:
 
 def mode_hparams(mode: str, args, data: dict):
     preset = {"preset": args.preset} if getattr(args, "preset", "") else {}
+    index = {"environments": {"pool_index": args.pool_index}} if getattr(args, "pool_index", "") else {}
     return world_hparams(host_config(args.host, llava=bool(args.shape)), data, args.model or SHIPPED, args.steps,
-                         enabled=mode != "host", optimiser={"cache_prefix": mode != "odedit_nocache"}, **preset)
+                         enabled=mode != "host", optimiser={"cache_prefix": mode != "odedit_nocache"}, **preset,
+                         **index)
 
 
 # random-weight LLaVA shapes: CLIP vision tower + projector + Llama, 32k vocabulary
@@ -200,23 +209,34 @@ def run_mode(mode: str, args) -> dict:
         torch.cuda.reset_peak_memory_stats()
     with (batched_nll_steps() if mode == "batched_nll" else contextlib.nullcontext(),
           contents_judged_distinct() if args.shape else contextlib.nullcontext()):
-        times, setup, steps = time_edits(adapter, hp, views)
+        timed = time_edits(adapter, hp, views)
     peak = (torch.cuda.max_memory_allocated() / 2 ** 20 if args.device.startswith("cuda")
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    times, setup, steps = timed.times, timed.setup, timed.steps
     return {"mode": mode, "seconds": statistics.median(times), "setup": statistics.median(setup) if setup else 0.0,
             "step": statistics.median((t - s) / max(n, 1) for t, s, n in zip(times, setup, steps)),
-            "steps": statistics.mean(steps), "peak_mb": peak, "params": sum(p.numel() for p in adapter.parameters())}
+            "steps": statistics.mean(steps), "each_steps": steps, "first_edit": timed.first, "rows": timed.rows,
+            "peak_mb": peak, "params": sum(p.numel() for p in adapter.parameters())}
 
 
-def time_edits(adapter, hp, views):
-    """Seconds and set-up seconds of each edit of ``views`` after the first (a warm-up, not
-    counted). Each edit is restored, also after an error such as running out of GPU memory, so the
-    next starts from the same weights."""
+class TimedEdits(NamedTuple):
+    times: List[float]   # seconds of each timed edit
+    setup: List[float]   # of which set-up (``_timed_setup``)
+    steps: List[int]     # steps each took
+    first: float         # seconds of the warm-up edit (a pool index is built or loaded there)
+    rows: Dict[str, int]  # the last edit's rows by environment
+
+
+def time_edits(adapter, hp, views) -> TimedEdits:
+    """Seconds and set-up seconds of each edit of ``views`` after the first (a warm-up, timed on
+    its own, that builds or loads a pool index). Each edit is restored, also after an error such as
+    running out of GPU memory, so the next starts from the same weights. The timed edits run after
+    the index is built (``process_pool_images``)."""
     from easyedit_odedit.hosts import build_host
     from easyedit_odedit.odedit import odedit_main
     from easyedit_odedit.odedit.restore import RestorePoint
 
-    times, setup, steps = [], [], []
+    times, setup, steps, first, rows = [], [], [], 0.0, {}
     for i, view in enumerate(views):
         originals = {}
         start = time.perf_counter()
@@ -228,10 +248,29 @@ def time_edits(adapter, hp, views):
         finally:
             timed.restore()
             RestorePoint(adapter, originals)()
-        if i > 0:
+        rows = timed.rows
+        if i == 0:
+            first = elapsed
+            process_pool_images(adapter, hp)
+        else:
             times.append(elapsed)
             steps.append(int(logs.get("steps", hp.host_params.num_steps)))
-    return times, setup, steps
+    return TimedEdits(times, setup, steps, first, rows)
+
+
+def process_pool_images(adapter, hp) -> None:
+    """With a pool index (``preset: content``): every pool image processed, as building the index
+    in memory leaves them (an index loaded from disk leaves the edits to process the images they
+    draw, each once: 2-4 ms an image on a CPU, a cost that fades as a run goes on)."""
+    from easyedit_odedit.environments import EnvironmentBuilder, content_aware
+    from easyedit_odedit.odedit.rows import image_processor
+
+    if not (hp.enabled and content_aware(hp.environments)):
+        return
+    builder = EnvironmentBuilder(hp.environments, image_processor(hp), hp.coco_image, 0, view_size=adapter.image_size)
+    for entry in builder.pool:
+        if entry.image_path is not None:
+            builder.load_image(entry.image_path)
 
 
 class _timed_setup:
@@ -254,7 +293,15 @@ class _timed_setup:
                     self.total += time.perf_counter() - t
             return wrapper
 
-        odedit_main.build_rows, odedit_main.EditRows = timed(self.originals[0]), timed(self.originals[1])
+        def counted(fn):
+            def wrapper(*a, **k):
+                made = fn(*a, **k)
+                self.rows = dict(collections.Counter(made.envs))
+                return made
+            return wrapper
+
+        self.rows = {}
+        odedit_main.build_rows, odedit_main.EditRows = timed(self.originals[0]), counted(timed(self.originals[1]))
 
     def restore(self):
         self.module.build_rows, self.module.EditRows = self.originals
@@ -279,7 +326,11 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
+    parser.add_argument("--modes", default=",".join(MODES), help="the modes to run, comma-separated (host, batched_nll "
+                        "and odedit give the ratios; odedit_nocache is the slowest)")
     parser.add_argument("--preset", default="", choices=["", "paper", "content"], help="ODEdit's preset (default: the YAML's)")
+    parser.add_argument("--pool-index", default="", help="environments.pool_index (default: the YAML's, memory): "
+                        "a folder or auto, so that the modes' processes build the content preset's index once")
     parser.add_argument("--json", action="store_true", help="print one JSON object (the figures below) instead of tables")
     args = parser.parse_args(argv)
     if args.mode:
@@ -288,7 +339,11 @@ def main(argv=None) -> None:
     results = {}
     from tqdm import tqdm
 
-    for mode in tqdm(MODES, desc="modes"):
+    modes = [m for m in args.modes.split(",") if m]
+    unknown = sorted(set(modes) - set(MODES))
+    if unknown or not {"host", "batched_nll", "odedit"} <= set(modes):
+        parser.error(f"--modes: {', '.join(unknown) or args.modes}: use host,batched_nll,odedit[,odedit_nocache]")
+    for mode in tqdm(modes, desc="modes"):
         cmd = [sys.executable, __file__, "--mode", mode, "--host", args.host, "--steps", str(args.steps),
                "--edits", str(args.edits), "--threads", str(args.threads), "--device", args.device]
         if args.model:
@@ -297,6 +352,8 @@ def main(argv=None) -> None:
             cmd += ["--shape", args.shape]
         if args.preset:
             cmd += ["--preset", args.preset]
+        if args.pool_index:
+            cmd += ["--pool-index", args.pool_index]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
     summary = ratios(results)
@@ -317,7 +374,8 @@ def main(argv=None) -> None:
               f"{r['seconds'] / host['seconds']:.2f} | {r['peak_mb']:.0f} | {r['peak_mb'] / host['peak_mb']:.2f} |")
     print(f"\nODEdit's own terms (KL, MMD, TV, lambda) vs a plain batched step over the same rows: "
           f"x{summary['own_terms_edit']:.2f} a whole edit, x{summary['own_terms_step']:.2f} a step; "
-          f"set-up {summary['setup_share']:.0%} of an ODEdit edit")
+          f"set-up {summary['setup_share']:.0%} of an ODEdit edit; {sum(summary['rows'].values())} rows an edit "
+          f"({summary['rows']}); the warm-up edit (builds or loads a pool index) {summary['first_edit']:.2f} s")
 
 
 def ratios(results: dict) -> dict:
@@ -326,7 +384,8 @@ def ratios(results: dict) -> dict:
     host, odedit, plain = results["host"], results["odedit"], results["batched_nll"]
     return {"x_time": odedit["seconds"] / host["seconds"], "x_memory": odedit["peak_mb"] / host["peak_mb"],
             "own_terms_step": odedit["step"] / plain["step"], "own_terms_edit": odedit["seconds"] / plain["seconds"],
-            "setup_share": odedit["setup"] / odedit["seconds"], "steps": odedit["steps"]}
+            "setup_share": odedit["setup"] / odedit["seconds"], "steps": odedit["steps"],
+            "each_steps": odedit["each_steps"], "rows": odedit["rows"], "first_edit": odedit["first_edit"]}
 
 
 if __name__ == "__main__":

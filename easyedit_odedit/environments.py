@@ -228,10 +228,11 @@ class EnvironmentBuilder:
         self.images = ImageAugmenter(settings, self.gen)
         self.image_processor = image_processor
         self.pool: Sequence[PoolEntry] = ()
+        self.pool_file: Optional[str] = None
         self.by_content = content_aware(settings)
         if settings.locality_pool:
-            path, root = resolve_locality_pool(settings.locality_pool, settings.locality_image_root)
-            self.pool = load_locality_pool(path, (root if root is not None else coco_root) or "")
+            self.pool_file, root = resolve_locality_pool(settings.locality_pool, settings.locality_image_root)
+            self.pool = load_locality_pool(self.pool_file, (root if root is not None else coco_root) or "")
 
     def in_and_se(self, view: dict) -> List[Row]:
         """IN and SE rows (image views at ``view_size``)."""

@@ -8,17 +8,19 @@ ran before it in the process or which candidates it drew (answers computed in ot
 differ in the last bits, which is why a per-edit cache was not enough).
 
 An index answers only while the model holds the weights it was built on (a norm of every parameter,
-compared exactly): inside an un-restored sequence of edits the probes are asked live, of the model as
-it is.
+compared exactly: the same model object before and after a restore, which is all a norm can tell):
+inside an un-restored sequence of edits the probes are asked live, of the model as it is. With a
+store (``pool_index_store``), what the index computes is also saved, and a later process loads it.
 """
 from __future__ import annotations
 
 import weakref
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from .environments import Row
+from .pool_index_store import IndexStore, kept
 
 
 def weights_fingerprint(model: torch.nn.Module) -> torch.Tensor:
@@ -30,8 +32,9 @@ def weights_fingerprint(model: torch.nn.Module) -> torch.Tensor:
 class PoolIndex:
     """Image features and fixed probes' answers for every image of one pool, on one model's weights."""
 
-    def __init__(self, adapter, paths: Sequence[str], load: Callable[[str], torch.Tensor], batch: int):
-        self.adapter, self.paths, self.load, self.batch = adapter, list(paths), load, batch
+    def __init__(self, adapter, paths: Sequence[str], load: Callable[[str], torch.Tensor], batch: int,
+                 store: Optional[IndexStore] = None):
+        self.adapter, self.paths, self.load, self.batch, self.store = adapter, list(paths), load, batch, store
         self.position = {path: i for i, path in enumerate(self.paths)}
         self.fingerprint = weights_fingerprint(adapter)
         self._features = None
@@ -46,8 +49,9 @@ class PoolIndex:
     @torch.no_grad()
     def features(self, paths: Sequence[str]) -> torch.Tensor:
         if self._features is None:
-            self._features = torch.cat([self.adapter.image_features([self.load(p) for p in chunk])
-                                        for chunk in self._slices()])
+            every = kept(self.store, ("features",), lambda: torch.cat(
+                [self.adapter.image_features([self.load(p) for p in chunk]) for chunk in self._slices()]))
+            self._features = every.to(getattr(self.adapter, "device", every.device))
         return self._features[[self.position[p] for p in paths]]
 
     def answers(self, prompt: str, paths: Sequence[str], n_tokens: int,
@@ -55,8 +59,9 @@ class PoolIndex:
         """The unedited model's answers to ``prompt`` on each image (``ask(rows, n_tokens)`` decodes)."""
         key = (prompt, n_tokens)
         if key not in self._answers:
-            self._answers[key] = [a for chunk in self._slices()
-                                  for a in ask([Row("probe", prompt, None, self.load(p)) for p in chunk], n_tokens)]
+            self._answers[key] = kept(self.store, ("answers", prompt, n_tokens), lambda: [
+                a for chunk in self._slices() for a in ask([Row("probe", prompt, None, self.load(p)) for p in chunk],
+                                                           n_tokens)])
         every = self._answers[key]
         return [every[self.position[p]] for p in paths]
 
@@ -67,16 +72,19 @@ class PoolIndex:
 _INDEXES: "weakref.WeakKeyDictionary[torch.nn.Module, Dict[tuple, PoolIndex]]" = weakref.WeakKeyDictionary()
 
 
-def index_for(adapter, key: tuple, paths: Sequence[str], load, batch: int, unedited: bool):
-    """The index of this pool on this model, built on first use. None while the model is edited
-    (``unedited`` False: an un-restored sequence): then nothing can be reused."""
+def index_for(adapter, key: tuple, paths: Sequence[str], load, batch: int, unedited: bool,
+              open_store: Optional[Callable[[], IndexStore]] = None):
+    """The index of this pool on this model, built on first use (or loaded: ``open_store`` gives the
+    store of these weights and this pool). None while the model is edited (``unedited`` False: an
+    un-restored sequence): then nothing can be reused."""
     indexes = _INDEXES.setdefault(adapter, {})
     index = indexes.get(key)
     if index is not None and index.holds():
         return index
     if not unedited:
         return None
-    indexes[key] = PoolIndex(adapter, paths, load, batch)  # new, or the weights changed outside ODEdit
+    # new, or the weights changed outside ODEdit: the store is keyed by the weights as they are now
+    indexes[key] = PoolIndex(adapter, paths, load, batch, open_store() if open_store else None)
     return indexes[key]
 
 

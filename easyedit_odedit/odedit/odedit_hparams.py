@@ -71,6 +71,8 @@ class EnvironmentSettings:
     same_content_rows: int = 4  # same-content images drawn each step: must carry the edit
     protect_rows: int = 2       # the other probes on the edit and same-content images drawn each step
     probe_batch: int = 64       # probe rows answered per forward pass
+    pool_index: str = "memory"  # where the pool index lives: "memory" (this process), "auto" (the
+                                # plugin's cache folder) or a folder; saved, it is loaded by later runs
 
 
 @dataclass
@@ -340,6 +342,9 @@ def _validate_settings(hp: ODEditHyperParams, where: str) -> None:
         if value < 0 or (key in ("pool_factor", "near_miss_search", "probe_batch") and value < 1):
             raise ODEditError(f"{where}: environments.{key}", value,
                               "use a non-negative count (pool_factor, near_miss_search and probe_batch >= 1)")
+    if not hp.environments.pool_index.strip():
+        raise ODEditError(f"{where}: environments.pool_index", hp.environments.pool_index,
+                          "use `memory`, `auto` (the plugin's cache folder) or the folder to keep the index in")
     if any(not isinstance(p, str) or not p.strip() for p in hp.environments.probes):
         raise ODEditError(f"{where}: environments.probes", hp.environments.probes,
                           "give prompts as the model sees them, e.g. 'Question: what color is the shape? Short answer:'")

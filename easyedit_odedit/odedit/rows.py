@@ -10,6 +10,7 @@ from .. import compat
 from ..environments import EnvironmentBuilder, Row, without_conflicts
 from ..models.adapter import MultimodalLMAdapter
 from ..pool_index import Probes, index_for
+from ..pool_index_store import IndexStore, describe_processor, file_digest, store_folder
 
 
 def build_rows(adapter: MultimodalLMAdapter, view: dict, hparams, seed: int, past: Sequence[dict] = (),
@@ -23,12 +24,8 @@ def build_rows(adapter: MultimodalLMAdapter, view: dict, hparams, seed: int, pas
     out = builder.out_candidates(view)
 
     n_tokens = len(adapter.tokenizer(view["target"])["input_ids"])
-    index = None
-    if builder.by_content:  # the pool's features and fixed probes' answers, computed once per (model, pool)
-        pool = [e.image_path for e in builder.pool if e.image_path is not None]
-        key = (env.locality_pool, env.locality_image_root, adapter.image_size, env.probe_batch)
-        index = index_for(adapter, key, list(dict.fromkeys(pool)), builder.load_image, env.probe_batch,
-                          unedited=unedited)
+    # the pool's features and fixed probes' answers, computed once per (model, pool)
+    index = pool_index_for(adapter, builder, env, unedited=unedited) if builder.by_content else None
     probes = Probes(adapter, lambda rows, n: unedited_answers(adapter, rows, n), n_tokens, env.probe_batch,
                     env.probes, index)
     rows += out["text"] + builder.near_and_far(view, rows, out["image"], probes.features, probes.answers)
@@ -44,6 +41,22 @@ def build_rows(adapter: MultimodalLMAdapter, view: dict, hparams, seed: int, pas
 
 
 TEXT_WATCH_SHARE = 8  # text questions watched for spill: one for every 8 pool images described
+
+
+def pool_index_for(adapter: MultimodalLMAdapter, builder: EnvironmentBuilder, env, unedited: bool):
+    """The index of the builder's pool on this model (``pool_index.index_for``), kept in the folder
+    ``environments.pool_index`` names (``pool_index_store``), or in memory only."""
+    paths = list(dict.fromkeys(e.image_path for e in builder.pool if e.image_path is not None))
+    folder = store_folder(env.pool_index)
+    key = (env.locality_pool, env.locality_image_root, adapter.image_size, env.probe_batch, folder)
+
+    def open_store() -> IndexStore:
+        pool = {"pool": file_digest(builder.pool_file), "processor": describe_processor(builder.image_processor),
+                "view_size": adapter.image_size}
+        return IndexStore.for_model(folder, adapter, paths, env.probe_batch, pool)
+
+    return index_for(adapter, key, paths, builder.load_image, env.probe_batch, unedited,
+                     open_store if folder else None)
 
 
 def image_processor(hparams):
