@@ -14,8 +14,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_gpu_check_runs_every_host_on_the_cpu_stand_in():
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    # the paper preset: the host's fixed steps (content's edits run until their rows hold)
     out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_check.py"), "--big", "--steps", "1",
-                          "--json"],
+                          "--preset", "paper", "--json"],
                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     text = out.stdout
@@ -42,7 +43,7 @@ def test_gpu_check_runs_every_host_on_the_cpu_stand_in():
 def test_overhead_runs_every_mode_and_prints_the_figures_as_json():
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "overhead.py"), "--edits", "1", "--steps", "2",
-                          "--json"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+                          "--preset", "paper", "--json"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     figures = json.loads(out.stdout.strip().splitlines()[-1])
     assert set(figures["modes"]) == {"host", "batched_nll", "odedit", "odedit_nocache"}
@@ -72,5 +73,7 @@ def test_overhead_edits_build_the_rows_they_build_in_the_bench(tmp_path):
         rows = odedit_main.build_rows(adapter, view, hp, seed=0)
     counts = collections.Counter(r.env for r in rows)
     env = hp.environments
-    assert counts["OUT_near"] + counts["OUT_far"] == env.pool_factor * env.out_image
-    assert counts["OUT_near"] > 0 and counts["OUT_text"] == env.pool_factor * env.out_text
+    assert hp.preset == "content"  # the shipped YAML names probes: the default formulation describes the pool
+    assert counts["OUT_near"] == env.pool_factor * env.near_miss_rows and counts["OUT_far"] > 0
+    assert counts["SE_content"] > 0 and counts["OUT_protect"] > 0
+    assert counts["OUT_text"] == env.pool_factor * env.out_text
