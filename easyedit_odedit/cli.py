@@ -73,6 +73,7 @@ def main(argv=None) -> None:
     bench.add_argument("--out", required=True, help="output folder (results.json, results.md, results.png)")
     bench.add_argument("--workers", type=int, default=1,
                        help="processes the bench's independent units are spread over (default 1)")
+    bench.add_argument("--seeds", type=int, nargs="+", help="only these of the config's seeds (part of a run)")
     report = sub.add_parser("report", help="rebuild results.{json,md,png} from DIR/edits.jsonl")
     report.add_argument("dir")
     _add_edit(sub)
@@ -91,6 +92,11 @@ def main(argv=None) -> None:
             raise SystemExit(f"odedit bench: {err}") from None
         if args.workers < 1:
             raise SystemExit(f"odedit bench: --workers must be >= 1 (got {args.workers})")
+        if args.seeds:
+            unknown = sorted(set(args.seeds) - set(config["seeds"]))
+            if unknown:
+                raise SystemExit(f"odedit bench: --seeds {unknown} are not among the config's seeds {config['seeds']}")
+            config["seeds"] = list(args.seeds)
         _run(config, args.out, args.workers)
     elif args.command == "report":
         from .benchmark.report import build
