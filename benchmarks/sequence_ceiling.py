@@ -1,7 +1,7 @@
 """What a perfect editor scores on sequence locality, on MiniMMEdit's own records.
 
     python benchmarks/sequence_ceiling.py --seeds 0 1 2 --n-test 60 --T 5 10 --chunks 4 \
-        --check-rows benchmarks/results/full/edits.jsonl
+        --check-rows benchmarks/results/full-2026-11-26-paper/edits.jsonl
 
 For each seed the test records are rebuilt as the bench writes them (``records.build_records`` with
 the shipped base model's answers as ``pred``; ``--check-rows`` compares every rebuilt record's scope

@@ -97,22 +97,26 @@ def edit_once(adapter: MultimodalLMAdapter, view: dict, hparams, host, originals
             originals.setdefault(name, before_host[name] if before_host else named[name].detach().clone())
         edit_rows = EditRows(adapter, rows, hparams.risks.kl_positions, make_prefix_cache(adapter, touched, hparams),
                              reference)  # OUT references
-    if hasattr(host, "run_host"):  # refine family: the host edits first, ODEdit starts from its solution
-        with seeded(seed):
-            host.run_host(adapter, adapter.tokenizer, view, host_rows, undo)
-    logs = _optimise(adapter, host, hparams, edit_rows, seed, use_odedit, before_host)
-    rounds, added = 0, 0
-    while rounds < _reprobe_rounds(adapter, hparams, view, undo, use_odedit):
-        found = spilled(adapter, view, len(adapter.tokenizer(view["target"])["input_ids"]), hparams.environments)
-        if not found:
-            break
-        rounds, added, rows = rounds + 1, added + len(found), rows + found
-        with adapter.reusing_image_encodings():  # references from the weights before the edit (or sequence)
-            edit_rows = EditRows(adapter, rows, hparams.risks.kl_positions,
-                                 make_prefix_cache(adapter, touched, hparams), lambda: at_sequence_start(adapter, originals))
-        steps = logs["steps"]
-        logs = _optimise(adapter, host, hparams, edit_rows, seed + rounds, use_odedit)
-        logs["steps"] += steps
+    previous = {n: p.requires_grad for n, p in adapter.named_parameters()}  # before a host or peft freezes them
+    try:
+        if hasattr(host, "run_host"):  # refine family: the host edits first, ODEdit starts from its solution
+            with seeded(seed):
+                host.run_host(adapter, adapter.tokenizer, view, host_rows, undo)
+        logs = _optimise(adapter, host, hparams, edit_rows, seed, use_odedit, before_host)
+        rounds, added = 0, 0
+        while rounds < _reprobe_rounds(adapter, hparams, view, undo, use_odedit):
+            found = spilled(adapter, view, len(adapter.tokenizer(view["target"])["input_ids"]), hparams.environments)
+            if not found:
+                break
+            rounds, added, rows = rounds + 1, added + len(found), rows + found
+            with adapter.reusing_image_encodings():  # references from the weights before the edit (or sequence)
+                edit_rows = EditRows(adapter, rows, hparams.risks.kl_positions, make_prefix_cache(adapter, touched, hparams),
+                                     lambda: at_sequence_start(adapter, originals))
+            steps = logs["steps"]
+            logs = _optimise(adapter, host, hparams, edit_rows, seed + rounds, use_odedit)
+            logs["steps"] += steps
+    finally:
+        _restore_requires_grad(adapter, previous)
     if rounds or _reprobe_rounds(adapter, hparams, view, undo, use_odedit):
         logs.update(reprobe_rounds=float(rounds), spill_rows=float(added))
     if hparams.environments.past_reference == "sequence_start":  # what later edits of a sequence keep
@@ -123,8 +127,8 @@ def edit_once(adapter: MultimodalLMAdapter, view: dict, hparams, host, originals
 def _optimise(adapter: MultimodalLMAdapter, host, hparams, edit_rows: EditRows, seed: int, use_odedit: bool,
               before_host: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, float]:
     """The host's optimisation of the ODEdit objective over ``edit_rows``: a fixed number of steps,
-    or - with ``constraints`` on - until the edit's rows hold (at most ``max_steps``)."""
-    previous = {n: p.requires_grad for n, p in adapter.named_parameters()}  # before a host or peft freezes them
+    or - with ``constraints`` on - until the edit's rows hold (at most ``max_steps``). Gradients flow
+    to the host's parameters only (the caller puts every ``requires_grad`` back)."""
     with seeded(seed):
         params = host.prepare(adapter)
     _train_only(adapter, params)
@@ -146,7 +150,6 @@ def _optimise(adapter: MultimodalLMAdapter, host, hparams, edit_rows: EditRows, 
             logs["started_before_host"] = float(started_before_host)
     finally:
         host.finalize(adapter)
-        _restore_requires_grad(adapter, previous)
     return logs
 
 
