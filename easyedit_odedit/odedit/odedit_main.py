@@ -103,8 +103,8 @@ def edit_once(adapter: MultimodalLMAdapter, view: dict, hparams, host, originals
             with seeded(seed):
                 host.run_host(adapter, adapter.tokenizer, view, host_rows, undo)
         logs = _optimise(adapter, host, hparams, edit_rows, seed, use_odedit, before_host)
-        rounds, added = 0, 0
-        while rounds < _reprobe_rounds(adapter, hparams, view, undo, use_odedit):
+        rounds, added, most = 0, 0, _reprobe_rounds(adapter, hparams, view, undo, use_odedit)
+        while rounds < most:
             found = spilled(adapter, view, len(adapter.tokenizer(view["target"])["input_ids"]), hparams.environments)
             if not found:
                 break
@@ -117,7 +117,7 @@ def edit_once(adapter: MultimodalLMAdapter, view: dict, hparams, host, originals
             logs["steps"] += steps
     finally:
         _restore_requires_grad(adapter, previous)
-    if rounds or _reprobe_rounds(adapter, hparams, view, undo, use_odedit):
+    if most:
         logs.update(reprobe_rounds=float(rounds), spill_rows=float(added))
     if hparams.environments.past_reference == "sequence_start":  # what later edits of a sequence keep
         view["carried"] = carried_rows(rows, hparams.environments.past_rows)

@@ -51,11 +51,16 @@ def _run_undo(model: torch.nn.Module, actions: List) -> None:
 
 
 def _copy_back(model: torch.nn.Module, originals: Dict[str, torch.Tensor]) -> None:
+    _load(model, originals)
+    _forget_restored(model, originals)
+
+
+def _load(model: torch.nn.Module, values: Dict[str, torch.Tensor]) -> None:
+    """Copies ``values`` into the model's parameters of those names."""
     params = dict(model.named_parameters())
     with torch.no_grad():
-        for name, value in originals.items():
+        for name, value in values.items():
             params[name].copy_(value)
-    _forget_restored(model, originals)
 
 
 def _forget_restored(model: torch.nn.Module, names=None) -> bool:
@@ -133,16 +138,12 @@ def at_sequence_start(adapter: MultimodalLMAdapter, originals: Dict[str, torch.T
     start = {**originals, **_HISTORY.get(adapter, {})}  # the history's tensors are the older ones
     params = dict(adapter.named_parameters())
     now = {name: params[name].detach().clone() for name in start}
-    with torch.no_grad():
-        for name, value in start.items():
-            params[name].copy_(value)
+    _load(adapter, start)
     adapter.forget_image_encodings()
     try:
         yield
     finally:
-        with torch.no_grad():
-            for name, value in now.items():
-                params[name].copy_(value)
+        _load(adapter, now)
         adapter.forget_image_encodings()
 
 
