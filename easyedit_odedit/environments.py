@@ -419,7 +419,8 @@ class ContentMiner:
     "the same answer to the edit's question" alone takes exactly the images an edit spills into
     (same colour, other shape, for a colour edit) for the edit's own content.
 
-    The edit's question and every probe are asked on the edit image and on each candidate. A probe
+    Every probe is asked on the edit image and on each candidate, the edit's own question on the
+    nearest ones (``describe``). A probe
     that answers like the edit's question asks the same thing (``alike``); the others describe the
     image's other attributes. Same content: the edit question's answer and every other attribute
     equal to the edit image's. Near miss: some equal, not all; those that share the edit question's
@@ -434,6 +435,7 @@ class ContentMiner:
     """
 
     SAME_QUESTION_AGREEMENT = 0.9  # a probe that answers like the edit's question asks the same thing
+    EDIT_QUESTION_SAMPLE = 32      # nearest candidates the edit's own question is asked on (``describe``)
 
     def __init__(self, settings, rng: random.Random):
         self.settings, self.rng = settings, rng
@@ -444,12 +446,13 @@ class ContentMiner:
         feature distances to the edit image. Rows by group, and ``far``: the candidates that share
         nothing with the edit image. None when no probe asks anything the edit's question does not
         (then content cannot be told from the edit's answer)."""
-        edit, described, alike, other = self.describe(view, candidates, answers)
+        nearest = sorted(range(len(candidates)), key=lambda i: distances[i])
+        edit, described, alike, other = self.describe(view, candidates, answers, nearest)
         if not other:
             return None
         attributes = [view["prompt"], *other]
         same, sharing, partial, far = [], [], [], []
-        for i in sorted(range(len(candidates)), key=lambda i: distances[i]):
+        for i in nearest:
             equal = [same_answer(described[i].answers[q], edit.answers[q]) for q in attributes]
             group = same if all(equal) else sharing if equal[0] else partial if any(equal) else far
             group.append(i)
@@ -488,23 +491,51 @@ class ContentMiner:
         questions for every edit, so two edits' images compare)."""
         return tuple(_normal_answer(description.answers[q]) for q in self.settings.probes)
 
-    def describe(self, view: dict, candidates: List[Row], answers: Callable[[List[Row]], List[str]]):
+    def describe(self, view: dict, candidates: List[Row], answers: Callable[[List[Row]], List[str]],
+                 nearest: Sequence[int]):
         """The edit image's description, each candidate's, the questions that ask what the edit's
-        question asks (itself first), and the probes that ask something else."""
-        questions = list(dict.fromkeys([view["prompt"], *self.settings.probes]))
+        question asks (itself first), and the probes that ask something else.
+
+        Every probe is asked on every image (the pool index answers those). The edit's own question,
+        unless it is a probe, is asked on the edit image and the ``EDIT_QUESTION_SAMPLE`` nearest
+        candidates; a probe that asks the same thing there stands in for it on the others. Asking it
+        on every candidate was most of a content edit's set-up (the index cannot know an edit's
+        question), and a stand-in answers what it asks by construction."""
+        edit_question = view["prompt"]
+        probes = [q for q in dict.fromkeys(self.settings.probes) if q != edit_question]
         images = [view["image"], *[c.image for c in candidates]]
         sources = [None, *[c.source for c in candidates]]
-        said = answers([Row("probe", q, None, image, source) for image, source in zip(images, sources) for q in questions])
-        table = [dict(zip(questions, said[i * len(questions):(i + 1) * len(questions)])) for i in range(len(images))]
-        alike = [q for q in questions if q == view["prompt"] or self._asks_the_same(table, view["prompt"], q)]
+        on_sample = edit_question not in self.settings.probes
+        asked = [0, *[1 + i for i in nearest[:self.EDIT_QUESTION_SAMPLE]]] if on_sample else range(len(images))
+        said = answers([Row("probe", q, None, images[j], sources[j]) for j in range(len(images)) for q in probes]
+                       + [Row("probe", edit_question, None, images[j], sources[j]) for j in asked])
+        table = [dict(zip(probes, said[j * len(probes):(j + 1) * len(probes)])) for j in range(len(images))]
+        for j, answer in zip(asked, said[len(images) * len(probes):]):
+            table[j][edit_question] = answer
+        sample = [table[j] for j in asked]
+        alike = [edit_question, *[q for q in probes if self._asks_the_same(sample, edit_question, q)]]
+        self._answer_the_rest(table, edit_question, alike[1:], images, sources, answers)
+        questions = [edit_question, *probes]
         other = [q for q in questions if q not in alike]
-        descriptions = [Description(answers, image) for answers, image in zip(table, images)]
+        descriptions = [Description({q: row[q] for q in questions}, image) for row, image in zip(table, images)]
         return descriptions[0], descriptions[1:], alike, other
 
+    @staticmethod
+    def _answer_the_rest(table, edit_question, stand_ins, images, sources, answers) -> None:
+        """The edit question's answer on the images it was not asked on: a stand-in probe's answer,
+        or, with none, the question asked there too."""
+        rest = [j for j, row in enumerate(table) if edit_question not in row]
+        if stand_ins:
+            for j in rest:
+                table[j][edit_question] = table[j][stand_ins[0]]
+            return
+        for j, answer in zip(rest, answers([Row("probe", edit_question, None, images[j], sources[j]) for j in rest])):
+            table[j][edit_question] = answer
+
     def _asks_the_same(self, table: List[Dict[str, str]], edit_question: str, probe: str) -> bool:
-        """A probe whose answers agree with the edit question's on the edit image and on nearly every
-        candidate asks the same thing (a colour probe for a colour edit): it is neither a described
-        attribute nor a row to protect (the edit must change it)."""
+        """A probe whose answers agree with the edit question's on the edit image (``table[0]``) and
+        on nearly every candidate asked asks the same thing (a colour probe for a colour edit): it is
+        neither a described attribute nor a row to protect (the edit must change it)."""
         if not same_answer(table[0][edit_question], table[0][probe]):
             return False
         agree = sum(same_answer(row[edit_question], row[probe]) for row in table)

@@ -133,9 +133,26 @@ def test_bench_config_errors_name_the_problem(tmp_path):
     with pytest.raises(BenchConfigError, match="n_test"):
         load_config({"hosts": {"FT-L": os.path.join(ROOT, "hparams/ODEdit/minimmedit-ft-l.yaml")},
                      "records": {"n_test": 3}, "settings": {"single": {"n": 5}}})
+    per_t = {"T": [5, 10], "chunks": {5: 2}}
+    with pytest.raises(BenchConfigError, match="chunks names T = \\[5\\] but T is \\[5, 10\\]"):
+        load_config({"hosts": {"FT-L": os.path.join(ROOT, "hparams/ODEdit/minimmedit-ft-l.yaml")},
+                     "settings": {"sequential": per_t}})
     # MEND alone (a probe of MEND's settings) needs no `hosts`
     mend_only = load_config({"mend": {"yaml": os.path.join(ROOT, "hparams/bench/minimmedit-mend-host.yaml")}})
     assert mend_only["hosts"] == {} and mend_only["mend"]["yaml"].endswith("minimmedit-mend-host.yaml")
+
+
+def test_a_chunk_count_per_sequence_length_plans_that_many_chunks():
+    from easyedit_odedit.benchmark.config import load_config
+    from easyedit_odedit.benchmark.runner import plan
+
+    config = load_config({"hosts": {"FT-L": os.path.join(ROOT, "hparams/ODEdit/minimmedit-ft-l.yaml")},
+                          "records": {"n_test": 40},
+                          "settings": {"single": {"n": 0}, "sequential": {"T": [5, 10], "chunks": {5: 2, 10: 4}}}})
+    counted = {}
+    for seed, method, setting, chunk in plan(config):
+        counted[(method.name, setting)] = counted.get((method.name, setting), 0) + 1
+    assert counted == {(m, s): n for m in ("FT-L", "FT-L+ODEdit") for s, n in (("seq5", 2), ("seq10", 4))}
 
 
 def test_mend_meta_training_is_reproducible(bench, tmp_path):

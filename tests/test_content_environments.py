@@ -82,6 +82,34 @@ def test_probes_that_only_ask_the_edits_question_give_no_content():
     assert _mine(probes=(COLOUR_PROBE,)) is None
 
 
+def _rows_compared(rows):
+    return {group: [(r.env, r.prompt, r.target, int(r.image.mean().item())) for r in found]
+            for group, found in rows.items() if group not in ("edit", "far")}
+
+
+@pytest.mark.parametrize("probes, asked_on", [((COLOUR_PROBE, SHAPE_PROBE), 1 + 3), ((SHAPE_PROBE,), 1 + 7)])
+def test_the_edit_question_is_asked_on_the_nearest_candidates_when_a_probe_asks_the_same(monkeypatch, probes,
+                                                                                        asked_on):
+    """A probe that asks what the edit's question asks stands in for it beyond the nearest candidates;
+    with none, the question is asked on every candidate. The rows are those of asking it everywhere."""
+    everywhere = _mine(probes=probes, near_miss_rows=4, same_content_rows=4, protect_rows=4)
+    asked = []
+
+    def counting(rows):
+        asked.extend(int(r.image.mean().item()) for r in rows if r.prompt == EDIT_Q)
+        return _answers(rows)
+
+    monkeypatch.setattr(ContentMiner, "EDIT_QUESTION_SAMPLE", 3)
+    settings = EnvironmentSettings(probes=list(probes), probe_pool=8, pool_factor=1, near_miss_rows=4,
+                                   same_content_rows=4, protect_rows=4)
+    candidates = [Row("OUT_image", "own question", "x", _image(i)) for i in sorted(CONTENT)]
+    view = {"prompt": EDIT_Q, "target": "green", "image": _image(0)}
+    sampled = ContentMiner(settings, random.Random(0)).rows(view, candidates, [float(i) for i in sorted(CONTENT)],
+                                                            counting)
+    assert sorted(asked) == list(range(asked_on))  # the edit image and the nearest (smallest values)
+    assert _rows_compared(sampled) == _rows_compared(everywhere)
+
+
 def test_the_sampler_draws_the_content_groups_by_their_own_counts():
     settings = EnvironmentSettings(probes=[SHAPE_PROBE], probe_pool=8, near_miss_rows=3, same_content_rows=1,
                                    protect_rows=2, se_text=0, se_image=0, se_joint=0, out_text=0)

@@ -82,7 +82,8 @@ def load_config(path_or_dict) -> Dict[str, Any]:
     n_test = config["records"]["n_test"]
     single_n = (config["settings"].get("single") or {}).get("n", 0)
     seq = config["settings"].get("sequential") or {}
-    need = max([single_n] + [t * seq.get("chunks", 1) for t in seq.get("T", [])]
+    _check_chunks(seq)
+    need = max([single_n] + [t * chunks(seq, t) for t in seq.get("T", [])]
                + [curve.get("n", 0) if curve else 0])
     if need > n_test:
         raise BenchConfigError(f"bench config: records.n_test = {n_test} but the settings need {need} test records")
@@ -119,3 +120,16 @@ def _merge(base: dict, overrides: dict) -> dict:
             out[key] = copy.deepcopy(value)
     return out
 
+
+def chunks(sequential: dict, length: int) -> int:
+    """How many chunks of ``length`` edits a seed runs: ``chunks`` is one count for every T, or a
+    count per T ({5: 2, 10: 4}: the longer sequences, which the issues set targets for, get more)."""
+    count = sequential.get("chunks", 1)
+    return int(count[length]) if isinstance(count, dict) else int(count)
+
+
+def _check_chunks(sequential: dict) -> None:
+    count = sequential.get("chunks", 1)
+    if isinstance(count, dict) and set(count) != set(sequential.get("T", [])):
+        raise BenchConfigError(f"bench config: settings.sequential.chunks names T = {sorted(count)} but T is "
+                               f"{sequential.get('T', [])}: give a count for each T, or one count for all")

@@ -54,7 +54,7 @@ from tqdm.auto import tqdm
 
 from .. import environments
 from . import records as records_mod
-from .config import _merge, load_config
+from .config import _merge, chunks, load_config
 from .evaluation import (EASYEDIT_METRICS, EVALUATION_FIELDS, Evaluation, agreement, changed_by_sequence, e_results,
                          extra_metrics, harmonic)
 from .ike import IkeMethod
@@ -282,7 +282,7 @@ def plan(config: dict) -> List[Tuple[int, Method, str, Optional[int]]]:
                 if setting == "single":
                     jobs.append((seed, method, "single", None))
                 else:
-                    jobs += [(seed, method, setting, c) for c in range(seq.get("chunks", 1))]
+                    jobs += [(seed, method, setting, c) for c in range(chunks(seq, int(setting[3:])))]
         if curve and seed in curve.get("seeds", config["seeds"][:1]):
             for host in curve.get("hosts", []):
                 for lr in curve["lrs"]:
