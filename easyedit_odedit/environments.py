@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import inspect
 import json
 import os
 import random
@@ -101,6 +102,15 @@ class TextAugmenter:
                 found.append(text)
         return found
 
+    def named(self, prompt: str, described: Dict[str, str]) -> List[str]:
+        """Rephrasings that name what the edit image shows, beyond the prompt's own: given by a
+        paraphrase source that takes ``described`` (the unedited model's answers on the edit image,
+        question -> answer), e.g. "what color is the rectangle?" for "what color is the shape?"."""
+        if not _takes_description(self.paraphrase):
+            return []
+        plain = set(self.paraphrase(prompt))
+        return [t for t in self.paraphrase(prompt, described=described) if t not in plain and t != prompt]
+
     def _perturb(self, prompt: str) -> str:
         """Word dropout that never drops the last word (it often carries the question's end)."""
         tokens = prompt.split()
@@ -110,9 +120,16 @@ class TextAugmenter:
         return " ".join(kept)
 
 
+def _takes_description(source: Optional[Callable]) -> bool:
+    try:
+        return source is not None and "described" in inspect.signature(source).parameters
+    except (TypeError, ValueError):  # a callable without a signature Python can read
+        return False
+
+
 def load_paraphrase_source(spec) -> Optional[Callable[[str], Sequence[str]]]:
-    """``pkg.module:function`` (a callable prompt -> variants), a JSON file {prompt: [variants]},
-    a Python callable, or None."""
+    """``pkg.module:function`` (a callable prompt -> variants, which may also take ``described``:
+    see ``TextAugmenter.named``), a JSON file {prompt: [variants]}, a Python callable, or None."""
     if spec is None or callable(spec):
         return spec
     if isinstance(spec, str) and ":" in spec and not os.path.exists(spec):
@@ -338,7 +355,7 @@ class EnvironmentBuilder:
         question) from the candidates that share nothing with the edit image."""
         anchor = features([view["image"]])
         distances = (features([r.image for r in candidates], [r.source for r in candidates]) - anchor).norm(dim=-1).tolist()
-        found = ContentMiner(self.settings, self.rng).rows(view, candidates, distances, answers)
+        found = ContentMiner(self.settings, self.rng, self.text.named).rows(view, candidates, distances, answers)
         if found is None:  # the probes describe nothing besides the edit's answer: search as without them
             self.by_content = False
             return self.near_and_far(view, se_rows, self._sample(candidates, self._searched(False)), features, answers)
@@ -420,16 +437,15 @@ class ContentMiner:
     (same colour, other shape, for a colour edit) for the edit's own content.
 
     Every probe is asked on the edit image and on each candidate, the edit's own question on the
-    nearest ones (``describe``). A probe
-    that answers like the edit's question asks the same thing (``alike``); the others describe the
-    image's other attributes. Same content: the edit question's answer and every other attribute
+    nearest ones (``describe``). A probe that answers like the edit's question asks the same thing
+    (``alike``); the others describe the image's other attributes. Same content: the edit question's answer and every other attribute
     equal to the edit image's. Near miss: some equal, not all; those that share the edit question's
     answer are the ones an edit changes by mistake, and half the near misses are of that kind.
     Rows:
 
     * ``OUT_near``: a question alike the edit's on each near miss (target: the unedited answer);
-    * ``SE_content``: the questions alike the edit's on the edit image and same-content images
-      (target: the edit's target);
+    * ``SE_content``: the questions alike the edit's, and its rephrasings that name what the edit
+      image shows (``named``), on the edit image and same-content images (target: the edit's target);
     * ``OUT_protect``: the other probes on the edit image and same-content images (what else the
       model says about the edited concept must not change).
     """
@@ -437,8 +453,11 @@ class ContentMiner:
     SAME_QUESTION_AGREEMENT = 0.9  # a probe that answers like the edit's question asks the same thing
     EDIT_QUESTION_SAMPLE = 32      # nearest candidates the edit's own question is asked on (``describe``)
 
-    def __init__(self, settings, rng: random.Random):
-        self.settings, self.rng = settings, rng
+    def __init__(self, settings, rng: random.Random,
+                 named: Optional[Callable[[str, Dict[str, str]], List[str]]] = None):
+        """``named(prompt, description)``: rephrasings of the edit's question that name what the
+        edit image shows (``TextAugmenter.named``), asked on the same-content images too."""
+        self.settings, self.rng, self.named = settings, rng, named
 
     def rows(self, view: dict, candidates: List[Row], distances: Sequence[float],
              answers: Callable[[List[Row]], List[str]]) -> Optional[Dict[str, List[Row]]]:
@@ -459,7 +478,9 @@ class ContentMiner:
         s, k = self.settings, self.settings.pool_factor
         near = _half_and_half(sharing, partial, k * s.near_miss_rows)
         same_content = [edit, *[described[i] for i in same[: k * s.same_content_rows]]]
-        carry = [Row("SE_content", q, view["target"], d.image, content=self.content(d)) for d in same_content for q in alike]
+        named = self.named(view["prompt"], edit.answers) if self.named else []
+        carry = [Row("SE_content", q, view["target"], d.image, content=self.content(d))
+                 for d in same_content for q in [*alike, *named]]
         protect = [Row("OUT_protect", q, d.answers[q], d.image, content=self.content(d))
                    for d in same_content for q in other]
         for group in (carry, protect):

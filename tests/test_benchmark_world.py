@@ -64,6 +64,15 @@ def test_held_out_rephrase_templates_are_disjoint_and_unreachable():
             assert W.parse_question(variant.replace("Question: ", "").replace(" Short answer:", ""))[0].id not in held
             assert variant not in held_texts
     assert W.paraphrases("what color is the triangle?") == ["what color is the shape?", "what is the color of the shape?"]
+    # a description of the edit image fills the slots the question leaves open, never a held-out form
+    described = {W.image_prompt("what color is the shape?"): "Teal.", W.image_prompt("what shape is in the image?"): "rectangle"}
+    for q in W.questions("train")[:3000]:
+        for variant in W.paraphrases(W.image_prompt(q.text), described):
+            assert W.parse_question(variant.replace("Question: ", "").replace(" Short answer:", ""))[0].id not in held
+    assert W.paraphrases("what color is the shape?", described) == ["what is the color of the shape?",
+                                                                    "what color is the rectangle?"]
+    assert W.paraphrases("what shape is in the image?", described) == ["what shape is present?", "what is the teal shape?"]
+    assert W.paraphrases("what shape is in the image?", {"what shape is in the image?": "a blur"}) == ["what shape is present?"]
 
 
 def test_text_questions_split_is_fixed_disjoint_and_single_word():

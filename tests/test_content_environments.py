@@ -73,6 +73,35 @@ def test_same_content_carries_the_edit_and_near_misses_share_half_the_edit_answe
     assert _values(rows["far"]) == [4]  # shares nothing with a red circle
 
 
+def test_rephrasings_that_name_the_shown_content_carry_the_edit_on_same_content_images_only():
+    named_q = "what color is the circle ?"
+
+    def named(prompt, described):
+        assert prompt == EDIT_Q and described[SHAPE_PROBE] == "circle"  # the edit image's description
+        return [named_q]
+
+    settings = EnvironmentSettings(probes=[COLOUR_PROBE, SHAPE_PROBE], probe_pool=8, pool_factor=1,
+                                   near_miss_rows=4, same_content_rows=8, protect_rows=4)
+    candidates = [Row("OUT_image", "own question", "x", _image(i)) for i in sorted(CONTENT)]
+    view = {"prompt": EDIT_Q, "target": "green", "image": _image(0)}
+    rows = ContentMiner(settings, random.Random(0), named).rows(view, candidates, [float(i) for i in sorted(CONTENT)],
+                                                                _answers)
+    asked_named = [(r.target, v) for r, v in zip(rows["SE_content"], _values(rows["SE_content"])) if r.prompt == named_q]
+    assert sorted(asked_named) == [("green", 0), ("green", 1), ("green", 7)]  # the edit image and the red circles
+    assert all(r.prompt != named_q for group in ("OUT_near", "OUT_protect") for r in rows[group])
+
+
+def test_a_paraphrase_source_that_takes_a_description_gives_named_rephrasings():
+    from easyedit_odedit.environments import TextAugmenter
+
+    def source(prompt, described=None):
+        return ["plain"] + ([f"named {described['shape?']}"] if described else [])
+
+    settings = EnvironmentSettings(paraphrases=source)
+    assert TextAugmenter(settings, random.Random(0)).named("q", {"shape?": "circle"}) == ["named circle"]
+    assert TextAugmenter(EnvironmentSettings(paraphrases=lambda p: ["plain"]), random.Random(0)).named("q", {}) == []
+
+
 def test_answer_sharing_near_misses_come_first_when_short_of_the_other_kind():
     rows = _mine(probes=(SHAPE_PROBE,), near_miss_rows=3)
     assert sorted(_values(rows["OUT_near"])) == [2, 3, 5]  # two of the answer-sharing kind, one other

@@ -289,26 +289,49 @@ def images_with(split: str, shape: Optional[str] = None, colour: Optional[str] =
             if shape in (None, im.shape) and colour in (None, im.colour)]
 
 
-def paraphrases(prompt: str) -> List[str]:
+def paraphrases(prompt: str, described: Optional[Dict[str, str]] = None) -> List[str]:
     """Editor-reachable rephrasings of an easy-vqa question (bare or in the VQA prompt): the other
-    non-held-out templates of its paraphrase group, same slot. Usable as ODEdit's
+    non-held-out templates of its paraphrase group. A template with a slot the question does not
+    fill ("what color is the {shape}?" for "what color is the shape?") is filled from
+    ``described``, the unedited model's answers to colour and shape questions on the edit image
+    (ODEdit's ``ContentMiner`` passes them), and left out without them. Usable as ODEdit's
     ``environments.paraphrases`` (``easyedit_odedit.benchmark.world:paraphrases``); never returns a
     held-out template. Unknown prompts give []."""
-    match = re.fullmatch(r"Question: (.*) Short answer:\s*", prompt)
+    match = _VQA_PROMPT.fullmatch(prompt)
     question = match.group(1) if match else prompt
     try:
         template, slot_value = parse_question(question)
     except ValueError:
         return []
+    shown = _shown(described or {})
     out = []
     for other in editor_templates(template.group):
         if other.id == template.id:
             continue
-        if other.slot is not None and other.slot != template.slot:
-            continue  # the other form needs a value this question does not carry
-        text = fill(other, slot_value if other.slot else None)
+        value = slot_value if other.slot == template.slot else shown.get(other.slot)
+        if other.slot is not None and value is None:
+            continue  # the other form needs a value neither the question nor the description gives
+        text = fill(other, value if other.slot else None)
         out.append(VQA_PROMPT.format(text) if match else text)
     return out
+
+
+_VQA_PROMPT = re.compile(r"Question: (.*) Short answer:\s*")
+
+
+def _shown(described: Dict[str, str]) -> Dict[str, str]:
+    """{"colour": ..., "shape": ...} as far as answers to colour and shape questions tell."""
+    shown = {}
+    for question, said in described.items():
+        match = _VQA_PROMPT.fullmatch(question)
+        try:
+            template, _ = parse_question(match.group(1) if match else question)
+        except ValueError:
+            continue
+        value = " ".join("".join(c if c.isalpha() else " " for c in said.lower()).split())
+        if template.family in ("colour", "shape") and value in (COLOURS if template.family == "colour" else SHAPES):
+            shown.setdefault(template.family, value)
+    return shown
 
 
 # ---------------------------------------------------------------------------------------------
