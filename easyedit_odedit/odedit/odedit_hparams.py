@@ -140,8 +140,8 @@ PRESETS: Dict[str, Dict[str, Dict[str, Any]]] = {
     "paper": {"constraints": {"enabled": False}, "environments": {"probe_pool": 0}, "risks": {"loc_weight": 1.0}},
     # content-aware environments (needs environments.probes) and an edit that stops when its rows hold
     "content": {"constraints": {"enabled": True},
-                "environments": {"probe_pool": 256, "se_text": 4, "past_reference": "sequence_start",
-                                 "out_past": 8, "past_edits": 16},
+                "environments": {"probe_pool": 256, "se_text": 4, "out_text": 4, "out_image": 8,
+                                 "past_reference": "sequence_start", "out_past": 8, "past_edits": 16},
                 "risks": {"loc_weight": 20.0}},
 }
 
