@@ -438,8 +438,8 @@ class ContentMiner:
 
     Every probe is asked on the edit image and on each candidate, the edit's own question on the
     nearest ones (``describe``). A probe that answers like the edit's question asks the same thing
-    (``alike``); the others describe the image's other attributes. Same content: the edit question's answer and every other attribute
-    equal to the edit image's. Near miss: some equal, not all; those that share the edit question's
+    (``alike``); the others describe the image's other attributes. Same content: the edit
+    question's answer and every other attribute equal to the edit image's. Near miss: some equal, not all; those that share the edit question's
     answer are the ones an edit changes by mistake, and half the near misses are of that kind.
     Rows:
 
@@ -456,7 +456,8 @@ class ContentMiner:
     def __init__(self, settings, rng: random.Random,
                  named: Optional[Callable[[str, Dict[str, str]], List[str]]] = None):
         """``named(prompt, description)``: rephrasings of the edit's question that name what the
-        edit image shows (``TextAugmenter.named``), asked on the same-content images too."""
+        edit image shows (``TextAugmenter.named``; the description: the other attributes' answers),
+        asked on the same-content images too."""
         self.settings, self.rng, self.named = settings, rng, named
 
     def rows(self, view: dict, candidates: List[Row], distances: Sequence[float],
@@ -478,7 +479,8 @@ class ContentMiner:
         s, k = self.settings, self.settings.pool_factor
         near = _half_and_half(sharing, partial, k * s.near_miss_rows)
         same_content = [edit, *[described[i] for i in same[: k * s.same_content_rows]]]
-        named = self.named(view["prompt"], edit.answers) if self.named else []
+        # named by the other attributes only: the edited one's old answer would be wrong in a rephrasing
+        named = self.named(view["prompt"], {q: edit.answers[q] for q in other}) if self.named else []
         carry = [Row("SE_content", q, view["target"], d.image, content=self.content(d))
                  for d in same_content for q in [*alike, *named]]
         protect = [Row("OUT_protect", q, d.answers[q], d.image, content=self.content(d))

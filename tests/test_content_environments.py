@@ -77,7 +77,8 @@ def test_rephrasings_that_name_the_shown_content_carry_the_edit_on_same_content_
     named_q = "what color is the circle ?"
 
     def named(prompt, described):
-        assert prompt == EDIT_Q and described[SHAPE_PROBE] == "circle"  # the edit image's description
+        # the edit image's other attributes, not the edited one (its old answer would be wrong)
+        assert prompt == EDIT_Q and described == {SHAPE_PROBE: "circle"}
         return [named_q]
 
     settings = EnvironmentSettings(probes=[COLOUR_PROBE, SHAPE_PROBE], probe_pool=8, pool_factor=1,
