@@ -142,6 +142,17 @@ def test_bench_config_errors_name_the_problem(tmp_path):
     assert mend_only["hosts"] == {} and mend_only["mend"]["yaml"].endswith("minimmedit-mend-host.yaml")
 
 
+@pytest.mark.parametrize("name", sorted(n for n in os.listdir(os.path.join(ROOT, "hparams", "bench"))
+                                  if n.endswith(".yaml") and not n.startswith("minimmedit-")))
+def test_every_shipped_bench_config_loads_and_plans(name):
+    from easyedit_odedit.benchmark.config import load_config
+    from easyedit_odedit.benchmark.runner import plan
+
+    config = load_config(os.path.join(ROOT, "hparams", "bench", name))
+    assert all(os.path.isfile(path) for path in config["hosts"].values())
+    assert plan(config)
+
+
 def test_a_chunk_count_per_sequence_length_plans_that_many_chunks():
     from easyedit_odedit.benchmark.config import load_config
     from easyedit_odedit.benchmark.runner import plan
