@@ -35,12 +35,12 @@ def _answers(probes):
     return [seen(p.image)[1] if p.prompt == SHAPE_PROBE else seen(p.image)[0] for p in probes]
 
 
-def _mine(probes=(COLOUR_PROBE, SHAPE_PROBE), **settings):
+def _mine(probes=(COLOUR_PROBE, SHAPE_PROBE), answers=_answers, named=None, **settings):
     settings = EnvironmentSettings(probes=list(probes), probe_pool=8, pool_factor=1, **settings)
     candidates = [Row("OUT_image", "own question", "x", _image(i)) for i in sorted(CONTENT)]
     distances = [float(i) for i in sorted(CONTENT)]  # nearer for smaller values
     view = {"prompt": EDIT_Q, "target": "green", "image": _image(0)}
-    return ContentMiner(settings, random.Random(0)).rows(view, candidates, distances, _answers)
+    return ContentMiner(settings, random.Random(0), named).rows(view, candidates, distances, answers)
 
 
 def _values(rows):
@@ -81,12 +81,7 @@ def test_rephrasings_that_name_the_shown_content_carry_the_edit_on_same_content_
         assert prompt == EDIT_Q and described == {SHAPE_PROBE: "circle"}
         return [named_q]
 
-    settings = EnvironmentSettings(probes=[COLOUR_PROBE, SHAPE_PROBE], probe_pool=8, pool_factor=1,
-                                   near_miss_rows=4, same_content_rows=8, protect_rows=4)
-    candidates = [Row("OUT_image", "own question", "x", _image(i)) for i in sorted(CONTENT)]
-    view = {"prompt": EDIT_Q, "target": "green", "image": _image(0)}
-    rows = ContentMiner(settings, random.Random(0), named).rows(view, candidates, [float(i) for i in sorted(CONTENT)],
-                                                                _answers)
+    rows = _mine(named=named, near_miss_rows=4, same_content_rows=8, protect_rows=4)
     asked_named = [(r.target, v) for r, v in zip(rows["SE_content"], _values(rows["SE_content"])) if r.prompt == named_q]
     assert sorted(asked_named) == [("green", 0), ("green", 1), ("green", 7)]  # the edit image and the red circles
     assert all(r.prompt != named_q for group in ("OUT_near", "OUT_protect") for r in rows[group])
@@ -130,12 +125,7 @@ def test_the_edit_question_is_asked_on_the_nearest_candidates_when_a_probe_asks_
         return _answers(rows)
 
     monkeypatch.setattr(ContentMiner, "EDIT_QUESTION_SAMPLE", 3)
-    settings = EnvironmentSettings(probes=list(probes), probe_pool=8, pool_factor=1, near_miss_rows=4,
-                                   same_content_rows=4, protect_rows=4)
-    candidates = [Row("OUT_image", "own question", "x", _image(i)) for i in sorted(CONTENT)]
-    view = {"prompt": EDIT_Q, "target": "green", "image": _image(0)}
-    sampled = ContentMiner(settings, random.Random(0)).rows(view, candidates, [float(i) for i in sorted(CONTENT)],
-                                                            counting)
+    sampled = _mine(probes=probes, answers=counting, near_miss_rows=4, same_content_rows=4, protect_rows=4)
     assert sorted(asked) == list(range(asked_on))  # the edit image and the nearest (smallest values)
     assert _rows_compared(sampled) == _rows_compared(everywhere)
 

@@ -23,6 +23,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import easy_vqa
 
+from ..environments import same_answer  # answers compared as ODEdit compares them
+
 COLOURS: Tuple[str, ...] = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
 SHAPES: Tuple[str, ...] = ("circle", "rectangle", "triangle")
 YES_NO: Tuple[str, ...] = ("yes", "no")
@@ -297,8 +299,7 @@ def paraphrases(prompt: str, described: Optional[Dict[str, str]] = None) -> List
     (ODEdit's ``ContentMiner`` passes them), and left out without them. Usable as ODEdit's
     ``environments.paraphrases`` (``easyedit_odedit.benchmark.world:paraphrases``); never returns a
     held-out template. Unknown prompts give []."""
-    match = _VQA_PROMPT.fullmatch(prompt)
-    question = match.group(1) if match else prompt
+    question, in_prompt = _unwrapped(prompt)
     try:
         template, slot_value = parse_question(question)
     except ValueError:
@@ -312,25 +313,31 @@ def paraphrases(prompt: str, described: Optional[Dict[str, str]] = None) -> List
         if other.slot is not None and value is None:
             continue  # the other form needs a value neither the question nor the description gives
         text = fill(other, value if other.slot else None)
-        out.append(VQA_PROMPT.format(text) if match else text)
+        out.append(VQA_PROMPT.format(text) if in_prompt else text)
     return out
 
 
 _VQA_PROMPT = re.compile(r"Question: (.*) Short answer:\s*")
 
 
+def _unwrapped(prompt: str) -> Tuple[str, bool]:
+    """The question inside ``VQA_PROMPT`` (and True), or the prompt as it is (and False)."""
+    match = _VQA_PROMPT.fullmatch(prompt)
+    return (match.group(1), True) if match else (prompt, False)
+
+
 def _shown(described: Dict[str, str]) -> Dict[str, str]:
     """{"colour": ..., "shape": ...} as far as answers to colour and shape questions tell."""
     shown = {}
     for question, said in described.items():
-        match = _VQA_PROMPT.fullmatch(question)
         try:
-            template, _ = parse_question(match.group(1) if match else question)
+            family = parse_question(_unwrapped(question)[0])[0].family
         except ValueError:
             continue
-        value = " ".join("".join(c if c.isalpha() else " " for c in said.lower()).split())
-        if template.family in ("colour", "shape") and value in (COLOURS if template.family == "colour" else SHAPES):
-            shown.setdefault(template.family, value)
+        values = {"colour": COLOURS, "shape": SHAPES}.get(family, ())
+        value = next((v for v in values if same_answer(said, v)), None)
+        if value is not None:
+            shown.setdefault(family, value)
     return shown
 
 
