@@ -23,8 +23,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import easy_vqa
 
-from ..environments import same_answer  # answers compared as ODEdit compares them
-
 COLOURS: Tuple[str, ...] = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
 SHAPES: Tuple[str, ...] = ("circle", "rectangle", "triangle")
 YES_NO: Tuple[str, ...] = ("yes", "no")
@@ -334,9 +332,8 @@ def _shown(described: Dict[str, str]) -> Dict[str, str]:
             family = parse_question(_unwrapped(question)[0])[0].family
         except ValueError:
             continue
-        values = {"colour": COLOURS, "shape": SHAPES}.get(family, ())
-        value = next((v for v in values if same_answer(said, v)), None)
-        if value is not None:
+        value = " ".join("".join(c if c.isalpha() else " " for c in said.lower()).split())
+        if value in {"colour": COLOURS, "shape": SHAPES}.get(family, ()):
             shown.setdefault(family, value)
     return shown
 
