@@ -123,6 +123,23 @@ def test_summary_means_and_paired_differences_are_consistent(bench):
             assert entry["edit_s_median"] > 0 and math.isfinite(entry["peak_rss_mib_max"])
 
 
+def test_steps_each_edit_took(bench):
+    """FT-L alone takes the host's 3 steps; with ODEdit (content preset) 5 to 100, checked every 5;
+    SERAC never runs ODEdit's loop and has no steps."""
+    out, res = bench
+    with open(out / "edits.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    steps = {}
+    for r in rows:
+        if r["setting"] == "single":
+            steps.setdefault(r["method"], []).append(r["steps"])
+    assert steps["FT-L"] == [3, 3]
+    assert all(5 <= s <= 100 and s % 5 == 0 for s in steps["FT-L+ODEdit"])
+    assert steps["SERAC"] == [None, None] and steps["SERAC+ODEdit"] == [None, None]
+    assert res["time_memory"]["single"]["FT-L+ODEdit"]["steps_mean"] == pytest.approx(np.mean(steps["FT-L+ODEdit"]))
+    assert "steps_mean" not in res["time_memory"]["single"]["SERAC"]
+
+
 def test_bench_config_errors_name_the_problem(tmp_path):
     from easyedit_odedit.benchmark.config import BenchConfigError, load_config
 

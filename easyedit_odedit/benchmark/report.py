@@ -15,7 +15,8 @@
 * ``paired[setting][method][metric]``: per-edit differences *method minus its host alone* on the
   same records (same seed, chunk and record), ``mean``, bootstrap 95% interval (numpy, 2,000
   resamples of the edits, percentile), ``n``, and the differences themselves with their keys;
-* ``time_memory[setting][method]``: per-edit wall time (mean, median, s) and peak RSS (MiB);
+* ``time_memory[setting][method]``: per-edit wall time (mean, median, s), peak RSS (MiB) and, where
+  the edit ran ODEdit's loop, the steps it took (``steps_mean``/``_median``/``_max``);
 * ``curve``: Rel-vs-locality points over the host learning rate, host alone and with ODEdit;
 * ``excluded[setting][method][metric]``: items left out of the fair locality figures
   (``excluded``), items there were (``items``) and the ``share``;
@@ -194,6 +195,10 @@ def time_memory(rows: List[dict]) -> Dict[str, Dict[str, Dict[str, float]]]:
                                                "peak_rss_mib_max": float(mem.max()),
                                                "rss_delta_mib_median": float(np.median(delta)),
                                                "rss_delta_mib_max": float(np.max(delta)), "n": len(rs)}
+        steps = [r["steps"] for r in rs if r.get("steps") is not None]
+        if steps:  # the optimisation steps an edit took (ODEdit's loop; every re-probing round)
+            out[setting][method].update(steps_mean=float(np.mean(steps)), steps_median=float(np.median(steps)),
+                                        steps_max=float(np.max(steps)))
     return out
 
 
@@ -295,6 +300,8 @@ def markdown(results: Dict[str, Any]) -> str:
              "HM: per-edit harmonic mean of I-Gen6 (image_rephrase + Gen5 images) and Near. In sequences "
              "(seqT) Near/Far/Other-Q/HM leave out the items another edit of the chunk changes; '(all items)': "
              "over every item (the same figures in single editing). "
+             "steps: mean optimisation steps an edit took in ODEdit's loop (every round; '–' where the edit "
+             "does not run it). "
              f"s/edit: median wall time of the edit call; MiB: median peak process RSS during it "
              f"({meta.get('memory_measure')}); +MiB: the largest growth of that peak over the RSS at the start of the "
              "edit (what the edit itself added; the process RSS includes the shared caches). CPU, "
@@ -354,6 +361,10 @@ def shows_all_items(results: Dict[str, Any], setting: str) -> bool:
     return is_sequence(setting) and not (results.get("fair_fallback_rows") or {}).get(setting)
 
 
+def _steps(t: Dict[str, float]) -> str:
+    return f"{t['steps_mean']:.0f}" if "steps_mean" in t else "–"
+
+
 def setting_section(results: Dict[str, Any], setting: str) -> List[str]:
     """One setting's table, its fair-locality note (sequences), its paired differences."""
     config, by_method = results.get("config", {}), results["summary"][setting]
@@ -361,12 +372,12 @@ def setting_section(results: Dict[str, Any], setting: str) -> List[str]:
     columns = TABLE_COLUMNS + (ALL_ITEMS_COLUMNS if shows_all_items(results, setting) else ())
     lines = [f"## {setting}" + (" (each edit restored)" if setting == "single" else
                                  f" (T = {setting[3:]} edits applied, then all evaluated)"), "",
-             "| method | edits | " + " | ".join(LABELS[c] for c in columns) + " | s/edit | MiB | +MiB |",
-             "|---|---:|" + "---:|" * (len(columns) + 3)]
+             "| method | edits | " + " | ".join(LABELS[c] for c in columns) + " | steps | s/edit | MiB | +MiB |",
+             "|---|---:|" + "---:|" * (len(columns) + 4)]
     for method in _method_order(by_method, config):
         e, t = by_method[method], tm.get(method, {})
         lines.append(f"| {method} | {e['n_edits']} | " + " | ".join(_pct(e.get(c)) for c in columns)
-                     + f" | {t.get('edit_s_median', float('nan')):.3f} | {t.get('peak_rss_mib_median', float('nan')):.0f}"
+                     + f" | {_steps(t)} | {t.get('edit_s_median', float('nan')):.3f} | {t.get('peak_rss_mib_median', float('nan')):.0f}"
                      f" | {t.get('rss_delta_mib_max', float('nan')):.0f} |")
     lines.append("")
     if is_sequence(setting):

@@ -53,6 +53,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import environments
+from ..odedit.odedit_main import take_edit_logs
 from . import records as records_mod
 from .config import _merge, chunks, load_config
 from .evaluation import (EASYEDIT_METRICS, EVALUATION_FIELDS, Evaluation, agreement, changed_by_sequence, e_results,
@@ -123,7 +124,7 @@ class SeedRun:
             row["i_gen_all"] = (row["i_gen"] + k * (row["gen"] or 0.0)) / (1 + k)  # image_rephrase + eval_gen
             row["hm"] = harmonic(row["i_gen_all"], row.get("near"))
             row["hm_kept"] = harmonic(row["i_gen_all"], row.get("near_kept"))
-            row["edit_s"], row["peak_rss_mib"], before = timing[j]
+            row["edit_s"], row["peak_rss_mib"], before, row["steps"] = timing[j]
             row["rss_delta_mib"] = row["peak_rss_mib"] - before  # growth over the RSS at the start of the edit
             rows.append(row)
         return rows
@@ -144,7 +145,7 @@ class SeedRun:
             before = self.peak.reset()
             start = time.perf_counter()
             result = original_apply(model, tok, requests, hparams, **kwargs)
-            state["timing"] = (time.perf_counter() - start, self.peak.peak_mib(), before)
+            state["timing"] = (time.perf_counter() - start, self.peak.peak_mib(), before, steps_taken(result[0]))
             state["extra_post"] = ev.argmax(state["items"], model=result[0])
             return result
 
@@ -200,7 +201,7 @@ class SeedRun:
                 before = self.peak.reset()
                 start = time.perf_counter()
                 edited = method.edit_in_sequence(editor, hp, req)
-                timing.append((time.perf_counter() - start, self.peak.peak_mib(), before))
+                timing.append((time.perf_counter() - start, self.peak.peak_mib(), before, steps_taken(edited)))
             five_post = [ev.five(req, edited) for req in requests]
             extra_post = [ev.argmax(it, edited) for it in items]
         finally:
@@ -362,6 +363,13 @@ def run_jobs(config: dict, out: str, jobs: Sequence[tuple], sink, meta: Dict[str
             meta.setdefault("meta_training", {}).setdefault(host, {})[str(seed)] = by_alg
         for name, check in run.leakage.items():
             meta.setdefault("leakage", {}).setdefault(name, {})[str(seed)] = check
+
+
+def steps_taken(model) -> Optional[float]:
+    """Optimisation steps the last ODEdit call on ``model`` took (every round), None where it did
+    not go through ODEdit's loop (SERAC, IKE, a meta-trained host's executor alone)."""
+    steps = [logs["steps"] for logs in take_edit_logs(model) if "steps" in logs]
+    return float(sum(steps)) if steps else None
 
 
 def write_seed_data(config: dict, out: str, seed: int) -> Dict[str, str]:

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import weakref
 from typing import Dict, List, Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from ..environments import EnvironmentSampler, Row, carried_rows, edit_view, past_edit
+from ..errors import ODEditError
 from ..hosts import build_host
 from ..models.adapter import MultimodalLMAdapter
 from ..validation import check_request
@@ -24,6 +26,8 @@ from .restore import (RestorePoint, at_sequence_start, past_edits, remember, res
                       start_recoverable, unwrap)
 from .rows import build_rows
 from .spill import spilled
+
+_EDIT_LOGS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _edit_seed(hparams, view: dict) -> int:
@@ -40,14 +44,27 @@ def apply_odedit_to_multimodal_model(model, tok, requests, hparams, copy: bool =
     views = [edit_view(check_request(r, adapter.tokenizer, i)) for i, r in enumerate(requests)]
     host = build_host(hparams)
     originals, undo = {}, []
-    past = past_edits(adapter)
+    past, logs = past_edits(adapter), []
+    _EDIT_LOGS.pop(adapter, None)
     with restored_on_failure(adapter, originals, undo):
         for view in views:
-            edit_once(adapter, view, hparams, host, originals, undo, past)
+            logs.append(edit_once(adapter, view, hparams, host, originals, undo, past))
             past.append(past_edit(view, adapter.image_size))
+    _EDIT_LOGS[adapter] = logs
     remember(adapter, originals, undo, past[max(len(past) - hparams.environments.past_edits, 0):])
     # nothing to restore is still callable: main calls the restore of CALLABLE_RESTORE_ALGS after every edit
     return model, (RestorePoint(adapter, originals, undo) if keep_original_weight else RestorePoint(adapter, {}))
+
+
+def take_edit_logs(model) -> List[Dict[str, float]]:
+    """What each edit of the last ODEdit call on ``model`` logged (``steps`` taken, the objective's
+    last terms, re-probing rounds), once: the logs are forgotten when taken. Empty where the last
+    call failed or did not go through ODEdit."""
+    try:
+        adapter = unwrap(model)
+    except ODEditError:  # a host's own model class (SERAC's wrapper): never edited through ODEdit
+        return []
+    return _EDIT_LOGS.pop(adapter, [])
 
 
 @contextlib.contextmanager
