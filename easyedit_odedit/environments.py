@@ -363,8 +363,7 @@ class EnvironmentBuilder:
         view["content"], view["watched"] = found.pop("edit"), found.pop("watched")
         self.rng.shuffle(far)
         n_far = self.settings.pool_factor * EnvironmentSampler.far_quota(self.settings)
-        return [row for group in found.values() for row in group] + [
-            Row("OUT_far", r.prompt, r.target, r.image, content=r.content) for r in far[:n_far]]
+        return [row for group in found.values() for row in group] + far[:n_far]
 
     def _nearest_distinct(self, view: dict, candidates: List[Row], order: List[int], wanted: int,
                           answers: Optional[Callable[[List[Row]], List[str]]]):
@@ -493,10 +492,22 @@ class ContentMiner:
                 "SE_content": [r for r in carry if not (r.prompt == view["prompt"] and r.image is edit.image)
                                ][: k * s.same_content_rows],
                 "OUT_protect": protect[: k * s.protect_rows],
-                "far": [dataclasses.replace(candidates[i], content=self.content(described[i])) for i in far],
+                "far": self._far_rows(candidates, described, far, alike),
                 "edit": self.content(edit),
                 "watched": self._watched(view, candidates, described, same[k * s.same_content_rows:], set(same),
                                          alike, other)}
+
+    def _far_rows(self, candidates: List[Row], described: List["Description"], far: List[int],
+                  alike: List[str]) -> List[Row]:
+        """On each image that shares nothing with the edit image: a question alike the edit's (its
+        unedited answer), which is what an edit that spreads past its concept changes there, and the
+        image's own pool question."""
+        rows = []
+        for n, i in enumerate(far):
+            q, content = alike[n % len(alike)], self.content(described[i])
+            rows += [Row("OUT_far", q, described[i].answers[q], described[i].image, candidates[i].source, content),
+                     dataclasses.replace(candidates[i], env="OUT_far", content=content)]
+        return rows
 
     def _watched(self, view, candidates, described, unused_same, same, alike, other) -> List[Row]:
         """What ``spill.spilled`` asks again on the edited weights: the same-content images the rows

@@ -70,7 +70,10 @@ def test_same_content_carries_the_edit_and_near_misses_share_half_the_edit_answe
     protect = rows["OUT_protect"]
     assert protect and all(r.prompt == SHAPE_PROBE for r in protect)
     assert {(v, r.target) for r, v in zip(protect, _values(protect))} <= {(0, "circle"), (1, "circle"), (7, "Circle")}
-    assert _values(rows["far"]) == [4]  # shares nothing with a red circle
+    # image 4 shares nothing with a red circle: asked the edit's question (its unedited answer) and its own
+    far = rows["far"]
+    assert _values(far) == [4, 4]
+    assert {(r.env, r.prompt, r.target) for r in far} == {("OUT_far", EDIT_Q, "green"), ("OUT_far", "own question", "x")}
 
 
 def test_rephrasings_that_name_the_shown_content_carry_the_edit_on_same_content_images_only():
