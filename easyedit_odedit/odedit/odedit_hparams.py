@@ -140,8 +140,11 @@ PRESETS: Dict[str, Dict[str, Dict[str, Any]]] = {
     "paper": {"constraints": {"enabled": False}, "environments": {"probe_pool": 0}, "risks": {"loc_weight": 1.0}},
     # content-aware environments (needs environments.probes) and an edit that stops when its rows hold
     "content": {"constraints": {"enabled": True},
-                "environments": {"probe_pool": 256, "se_text": 4, "out_text": 4, "out_image": 8,
-                                 "past_reference": "sequence_start", "out_past": 8, "past_edits": 16},
+                # many OUT rows a step: an edit that stops when its rows hold is only as local as they
+                # are wide (LoRA's low-rank update carried the target into text questions 8 rows missed)
+                "environments": {"probe_pool": 256, "se_text": 4, "out_text": 32, "out_image": 16,
+                                 "near_miss_rows": 16, "past_reference": "sequence_start", "out_past": 8,
+                                 "past_edits": 16},
                 "risks": {"loc_weight": 20.0}},
 }
 
