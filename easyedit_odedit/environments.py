@@ -446,7 +446,9 @@ class ContentMiner:
     * ``SE_content``: the questions alike the edit's, and its rephrasings that name what the edit
       image shows (``named``), on the edit image and same-content images (target: the edit's target);
     * ``OUT_protect``: the other probes on the edit image and same-content images (what else the
-      model says about the edited concept must not change).
+      model says about the edited concept must not change);
+    * ``far`` (``OUT_far`` rows): on images that share nothing, a question alike the edit's and the
+      image's own pool question.
     """
 
     SAME_QUESTION_AGREEMENT = 0.9  # a probe that answers like the edit's question asks the same thing
