@@ -488,9 +488,8 @@ class ContentMiner:
                    for d in same_content for q in other]
         for group in (carry, protect):
             self.rng.shuffle(group)
-        ask = [alike[n % len(alike)] for n in range(len(near))]
-        return {"OUT_near": [Row("OUT_near", q, described[i].answers[q], described[i].image,
-                                 content=self.content(described[i])) for q, i in zip(ask, near)],
+        return {"OUT_near": [self._kept("OUT_near", alike[n % len(alike)], i, candidates, described)
+                             for n, i in enumerate(near)],
                 "SE_content": [r for r in carry if not (r.prompt == view["prompt"] and r.image is edit.image)
                                ][: k * s.same_content_rows],
                 "OUT_protect": protect[: k * s.protect_rows],
@@ -506,10 +505,15 @@ class ContentMiner:
         image's own pool question."""
         rows = []
         for n, i in enumerate(far):
-            q, content = alike[n % len(alike)], self.content(described[i])
-            rows += [Row("OUT_far", q, described[i].answers[q], described[i].image, candidates[i].source, content),
-                     dataclasses.replace(candidates[i], env="OUT_far", content=content)]
+            rows += [self._kept("OUT_far", alike[n % len(alike)], i, candidates, described),
+                     dataclasses.replace(candidates[i], env="OUT_far", content=self.content(described[i]))]
         return rows
+
+    def _kept(self, env: str, question: str, i: int, candidates: List[Row], described: List["Description"]) -> Row:
+        """``question`` on candidate ``i``'s image with the unedited model's answer there: a row
+        that must keep it."""
+        return Row(env, question, described[i].answers[question], described[i].image, candidates[i].source,
+                   self.content(described[i]))
 
     def _watched(self, view, candidates, described, unused_same, same, alike, other) -> List[Row]:
         """What ``spill.spilled`` asks again on the edited weights: the same-content images the rows
@@ -517,8 +521,7 @@ class ContentMiner:
         asked every question (they must keep their unedited answers)."""
         carry = [Row("SE_content", q, view["target"], described[i].image, candidates[i].source,
                      self.content(described[i])) for i in unused_same for q in alike]
-        keep = [Row("OUT_spill", q, described[i].answers[q], described[i].image, candidates[i].source,
-                    self.content(described[i]))
+        keep = [self._kept("OUT_spill", q, i, candidates, described)
                 for i in range(len(candidates)) if i not in same for q in [*alike, *other]]
         return carry + keep
 
