@@ -49,6 +49,60 @@ def test_mend_meta_trains_with_the_odedit_objective(world, tmp_path):
     assert archive.exists()
 
 
+def _content_trainer(world, tmp_path, name):
+    """A MEND+ODEdit trainer whose YAML names probes (content environments), on 8 records."""
+    from tests.test_content_environments import CONTENT_ENV
+
+    config = yaml.safe_load(open(os.path.join(ROOT, "hparams/TRAINING/ODEdit/tiny-mend.yaml")))
+    host = yaml.safe_load(open(os.path.join(ROOT, "hparams/TRAINING/MEND/tiny-host.yaml")))
+    host.update(batch_size=2, max_iters=8, val_interval=8, val_steps=1, final_eval=False)
+    config.update(name=str(world / "model"), tokenizer_name=str(world / "model"), coco_image=str(world),
+                  rephrase_image=str(world), results_dir=str(tmp_path / name), host_hparams=host, preset="content",
+                  environments={"locality_pool": str(world / "pool.json"), **CONTENT_ENV})
+    hp = ODEditHyperParams.from_dict(config)
+    VQADataset = compat.module("dataset.vqa").VQADataset
+    data = VQADataset(_vqa_json(world, tmp_path / "train.json", 8), config=hp)
+    from easyeditor import MultimodalTrainer
+
+    torch.manual_seed(0)
+    return MultimodalTrainer(config=hp, train_set=data, val_set=data)
+
+
+def test_mend_meta_training_meets_each_edits_content_environments(world, tmp_path, monkeypatch):
+    """With probes named, each training edit's near misses (KL to the unedited model) and
+    same-content images (the target's NLL) join the loss; a record's rows are mined once."""
+    from easyedit_odedit import trainer as trainer_module
+
+    built, risks_seen = [], []
+    real_build, real_risks = trainer_module.ContentRows._build, ODEditMultimodalTrainer._content_risks
+
+    def counting_build(self, view):
+        built.append((view["prompt"], view["target"], view["image"].sum().item()))
+        return real_build(self, view)
+
+    def recording_risks(self, batch, edited, scale):
+        found = real_risks(self, batch, edited, scale)
+        risks_seen.append({k: v.item() for k, v in found.items()})
+        return found
+
+    monkeypatch.setattr(trainer_module.ContentRows, "_build", counting_build)
+    monkeypatch.setattr(ODEditMultimodalTrainer, "_content_risks", recording_risks)
+    trainer = _content_trainer(world, tmp_path, "content")
+    trainer.run()
+    # every training step of 2 edits met content rows; 6 distinct (target, image) records, each mined once
+    assert len(risks_seen) == trainer._odedit_step >= 6 and 1 <= len(built) <= 6 and len(set(built)) == len(built)
+    assert all(set(r) == {"near_miss", "same_content"} and all(v == v and v >= 0 for v in r.values())
+               for r in risks_seen)
+    assert built[0][0] == "Question: what color is the shape ? Short answer:"  # as the model is asked it
+    trained = {k: v.clone() for k, v in trainer.model.mend.state_dict().items()}
+
+    # the same run without content rows trains another gradient network: the terms reach the loss
+    monkeypatch.setattr(trainer_module.ContentRows, "rows", lambda self, views: [])
+    plain = _content_trainer(world, tmp_path, "plain")
+    plain.run()
+    assert any(not torch.equal(trained[k], v) for k, v in plain.model.mend.state_dict().items())
+
+
 def _mend_archive(world, tmp_path):
     """Train a tiny MEND archive (alg: ODEdit); returns a function making hparams that edit with it."""
     from easyeditor import MultimodalTrainer
@@ -216,6 +270,7 @@ def test_refinement_starts_from_the_weights_before_a_host_proposal_that_makes_th
     the paper's start (the host's solution) and lands elsewhere."""
     from easyeditor import MultimodalEditor
 
+    from easyedit_odedit.benchmark.runner import logged_by_edit
     from easyedit_odedit.hosts.easyedit_native import EasyEditRefineHost
     from easyedit_odedit.odedit import objective
     from easyedit_odedit.odedit.odedit_main import apply_odedit_to_multimodal_model
@@ -235,9 +290,11 @@ def test_refinement_starts_from_the_weights_before_a_host_proposal_that_makes_th
         unedited = {n: editor.model.get_parameter(n).detach().clone() for n in host["inner_params"]}
         _, restore = apply_odedit_to_multimodal_model(editor.model, editor.tok, [request], hp, keep_original_weight=True)
         edited = {n: editor.model.get_parameter(n).detach().clone() for n in host["inner_params"]}
+        logged.append(logged_by_edit(editor.model).get("refined_from_unedited"))  # what the bench records
         restore()
         return unedited, edited
 
+    logged = []
     unedited, refined = edit(lambda *a, **k: None, "better")  # a host that proposes nothing
 
     def backwards(self, model, tok, view, rows=(), undo=None):  # three times the refinement, reversed
@@ -250,6 +307,7 @@ def test_refinement_starts_from_the_weights_before_a_host_proposal_that_makes_th
     assert all(torch.equal(from_better[n], v) for n, v in refined.items())
     assert any(not torch.equal(from_host[n], v) for n, v in refined.items())
     assert started == [False, True]  # nothing proposed: the same start either way; dropped; `host` never asks
+    assert logged == [0.0, 1.0, None]
 
 
 def nan_mmd(z_e, z_r, multipliers):

@@ -30,7 +30,7 @@ from .spill import spilled
 _EDIT_LOGS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def _edit_seed(hparams, view: dict) -> int:
+def edit_seed(hparams, view: dict) -> int:
     """Depends on the seed and the edit itself, never on a request's evaluation fields."""
     digest = hashlib.sha256(f"{view['prompt']}\x00{view['target']}".encode()).digest()
     return (int(hparams.seed) * 1_000_003 + int.from_bytes(digest[:4], "little")) % (2 ** 31)
@@ -94,7 +94,7 @@ def edit_once(adapter: MultimodalLMAdapter, view: dict, hparams, host, originals
     ``constraints.reprobe_rounds`` asks - more rounds with the rows the edit spilled into
     (``spill.spilled``). ``past``: the earlier edits of a sequence still applied
     (``environments.past_edit``)."""
-    seed = _edit_seed(hparams, view)
+    seed = edit_seed(hparams, view)
     use_odedit = bool(getattr(hparams, "enabled", True))
     in_row = Row("IN", view["prompt"], view["target"], view.get("image"))
     # WISE also reads an unrelated prompt from ODEdit's OUT rows, even when ODEdit itself is off
