@@ -273,7 +273,7 @@ class IkeMethod(Method):
             before = run.peak.reset()
             start = time.perf_counter()
             result = original_apply(model, tok, request, hparams, **kwargs)
-            state["timing"] = (time.perf_counter() - start, run.peak.peak_mib(), before, None)  # no optimisation steps
+            state["timing"] = (time.perf_counter() - start, run.peak.peak_mib(), before, {"steps": None})  # no optimisation steps
             state["icl"] = list(result)
             return result
 

@@ -16,7 +16,8 @@
   same records (same seed, chunk and record), ``mean``, bootstrap 95% interval (numpy, 2,000
   resamples of the edits, percentile), ``n``, and the differences themselves with their keys;
 * ``time_memory[setting][method]``: per-edit wall time (mean, median, s), peak RSS (MiB) and, where
-  the edit ran ODEdit's loop, the steps it took (``steps_mean``/``_median``/``_max``);
+  the edit ran ODEdit's loop, the steps it took (``steps_mean``/``_median``/``_max``); for a refined
+  host (MEND), the share of edits whose refinement discarded the host's proposal (``refined_from_unedited``);
 * ``curve``: Rel-vs-locality points over the host learning rate, host alone and with ODEdit;
 * ``excluded[setting][method][metric]``: items left out of the fair locality figures
   (``excluded``), items there were (``items``) and the ``share``;
@@ -199,6 +200,9 @@ def time_memory(rows: List[dict]) -> Dict[str, Dict[str, Dict[str, float]]]:
         if steps:  # the optimisation steps an edit took (ODEdit's loop; every re-probing round)
             out[setting][method].update(steps_mean=float(np.mean(steps)), steps_median=float(np.median(steps)),
                                         steps_max=float(np.max(steps)))
+        discarded = [r["refined_from_unedited"] for r in rs if r.get("refined_from_unedited") is not None]
+        if discarded:
+            out[setting][method]["refined_from_unedited"] = float(np.mean(discarded))
     return out
 
 

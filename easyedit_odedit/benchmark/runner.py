@@ -104,7 +104,7 @@ class SeedRun:
 
     def rows_for(self, method: Method, hp, setting: str, records: List[Tuple[int, dict]], five_post: List[dict],
                  five_pre: List[dict], extra_post: List[list], extra_pre: List[list], items: List[list],
-                 timing: List[Tuple[float, float]], chunk: Optional[int] = None) -> List[dict]:
+                 timing: List[Tuple[float, float, float, dict]], chunk: Optional[int] = None) -> List[dict]:
         rows = []
         evaluated_together = [record for _, record in records]  # the chunk; one record in single editing
         for j, (index, record) in enumerate(records):
@@ -124,7 +124,8 @@ class SeedRun:
             row["i_gen_all"] = (row["i_gen"] + k * (row["gen"] or 0.0)) / (1 + k)  # image_rephrase + eval_gen
             row["hm"] = harmonic(row["i_gen_all"], row.get("near"))
             row["hm_kept"] = harmonic(row["i_gen_all"], row.get("near_kept"))
-            row["edit_s"], row["peak_rss_mib"], before, row["steps"] = timing[j]
+            row["edit_s"], row["peak_rss_mib"], before, logged = timing[j]
+            row.update(logged)
             row["rss_delta_mib"] = row["peak_rss_mib"] - before  # growth over the RSS at the start of the edit
             rows.append(row)
         return rows
@@ -145,7 +146,7 @@ class SeedRun:
             before = self.peak.reset()
             start = time.perf_counter()
             result = original_apply(model, tok, requests, hparams, **kwargs)
-            state["timing"] = (time.perf_counter() - start, self.peak.peak_mib(), before, steps_taken(result[0]))
+            state["timing"] = (time.perf_counter() - start, self.peak.peak_mib(), before, logged_by_edit(result[0]))
             state["extra_post"] = ev.argmax(state["items"], model=result[0])
             return result
 
@@ -201,7 +202,7 @@ class SeedRun:
                 before = self.peak.reset()
                 start = time.perf_counter()
                 edited = method.edit_in_sequence(editor, hp, req)
-                timing.append((time.perf_counter() - start, self.peak.peak_mib(), before, steps_taken(edited)))
+                timing.append((time.perf_counter() - start, self.peak.peak_mib(), before, logged_by_edit(edited)))
             five_post = [ev.five(req, edited) for req in requests]
             extra_post = [ev.argmax(it, edited) for it in items]
         finally:
@@ -365,11 +366,18 @@ def run_jobs(config: dict, out: str, jobs: Sequence[tuple], sink, meta: Dict[str
             meta.setdefault("leakage", {}).setdefault(name, {})[str(seed)] = check
 
 
-def steps_taken(model) -> Optional[float]:
-    """Optimisation steps the last ODEdit call on ``model`` took (every round), None where it did
-    not go through ODEdit's loop (SERAC, IKE, a meta-trained host's executor alone)."""
-    steps = [logs["steps"] for logs in take_edit_logs(model) if "steps" in logs]
-    return float(sum(steps)) if steps else None
+def logged_by_edit(model) -> Dict[str, Optional[float]]:
+    """What the last ODEdit call on ``model`` logged that a row keeps: the optimisation ``steps`` it
+    took (every round; None where it did not go through ODEdit's loop: SERAC, IKE, a meta-trained
+    host's executor alone) and, for a refined host (MEND), ``refined_from_unedited``: the share of
+    its edits whose refinement discarded the host's proposal for the weights before it."""
+    logs = take_edit_logs(model)
+    steps = [entry["steps"] for entry in logs if "steps" in entry]
+    logged = {"steps": float(sum(steps)) if steps else None}
+    discarded = [entry["started_before_host"] for entry in logs if "started_before_host" in entry]
+    if discarded:
+        logged["refined_from_unedited"] = sum(discarded) / len(discarded)
+    return logged
 
 
 def write_seed_data(config: dict, out: str, seed: int) -> Dict[str, str]:
