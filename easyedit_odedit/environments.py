@@ -309,10 +309,7 @@ class EnvironmentBuilder:
         return self.rng.sample(list(items), min(n, len(items)))
 
     def load_image(self, path: str) -> torch.Tensor:
-        # the pool is fixed: process each image once, keep the recent ones
-        key = (path, type(self.image_processor).__name__, self.view_size)
-        return _PROCESSED_POOL_IMAGES.get(
-            key, lambda: _shrink(_load_processed_image(path, self.image_processor), self.view_size))
+        return pool_image(path, self.image_processor, self.view_size)
 
     def near_and_far(self, view: dict, se_rows: List[Row], candidates: List[Row],
                      features: Callable[[List[torch.Tensor]], torch.Tensor],
@@ -427,6 +424,7 @@ class Description:
 
     answers: Dict[str, str]
     image: torch.Tensor
+    source: Optional[str] = None  # the pool image's path (None: the edit image)
 
 
 class ContentMiner:
@@ -482,7 +480,7 @@ class ContentMiner:
         same_content = [edit, *[described[i] for i in same[: k * s.same_content_rows]]]
         # named by the other attributes only: the edited one's old answer would be wrong in a rephrasing
         named = self.named(view["prompt"], {q: edit.answers[q] for q in other}) if self.named else []
-        carry = [Row("SE_content", q, view["target"], d.image, content=self.content(d))
+        carry = [Row("SE_content", q, view["target"], d.image, d.source, content=self.content(d))
                  for d in same_content for q in [*alike, *named]]
         protect = [Row("OUT_protect", q, d.answers[q], d.image, content=self.content(d))
                    for d in same_content for q in other]
@@ -556,7 +554,8 @@ class ContentMiner:
         self._answer_the_rest(table, edit_question, alike[1:], images, sources, answers)
         questions = [edit_question, *probes]
         other = [q for q in questions if q not in alike]
-        descriptions = [Description({q: row[q] for q in questions}, image) for row, image in zip(table, images)]
+        descriptions = [Description({q: row[q] for q in questions}, image, source)
+                        for row, image, source in zip(table, images, sources)]
         return descriptions[0], descriptions[1:], alike, other
 
     @staticmethod
@@ -633,6 +632,13 @@ class ImageCache:
 
 POOL_IMAGE_CACHE_BYTES = 256 * 2 ** 20
 _PROCESSED_POOL_IMAGES = ImageCache(POOL_IMAGE_CACHE_BYTES)
+
+
+def pool_image(path: str, processor: Optional[Callable], view_size: Optional[int]) -> torch.Tensor:
+    """A pool image as the rows show it: processed, at the model's own size. The pool is fixed:
+    each image is processed once and the recent ones are kept (``POOL_IMAGE_CACHE_BYTES``)."""
+    key = (path, type(processor).__name__, view_size)
+    return _PROCESSED_POOL_IMAGES.get(key, lambda: _shrink(_load_processed_image(path, processor), view_size))
 
 
 def _shrink(image: torch.Tensor, size: Optional[int]) -> torch.Tensor:

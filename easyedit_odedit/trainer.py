@@ -17,6 +17,7 @@ it must carry to, mined from the train-split pool as at edit time, in two more e
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import warnings
 from typing import Dict, List, Optional
@@ -26,9 +27,9 @@ import torch
 from . import compat
 from . import penalty as tv
 from . import risks
-from .environments import VQA_TEMPLATE, Row, content_aware
+from .environments import VQA_TEMPLATE, Row, content_aware, pool_image
 from .odedit.odedit_main import edit_seed
-from .odedit.rows import build_rows
+from .odedit.rows import build_rows, image_processor
 
 ENVS = ("edit_inner", "edit_outer", "edit_outer_image", "loc", "loc_image")
 CONTENT_ENVS = {"OUT_near": "near_miss", "SE_content": "same_content"}  # edit-time group -> environment
@@ -172,26 +173,33 @@ class ContentRows:
     near misses (pool images showing part of what the edit image shows, asked a question alike the
     edit's; target: the unedited model's answer) and same-content images (target: the edit's).
 
-    Built once per train record and kept: MEND trains its gradient network, never the base model
-    (``train_base: false``), so a record's rows stay the same every time it is drawn. MEND only:
-    SERAC's scope classifier and counterfactual model read the text alone, and a near miss asks
-    the edit's own question on another image."""
+    Mined once per train record: MEND trains its gradient network, never the base model
+    (``train_base: false``), so a record's rows stay the same every time it is drawn. Kept as text
+    and image paths (a dataset's worth of images would not fit); the images come back from the
+    pool's bounded cache. MEND only: SERAC's scope classifier and counterfactual model read the
+    text alone, and a near miss asks the edit's own question on another image."""
 
     def __init__(self, adapter, hparams):
         self.adapter, self.hparams = adapter, hparams
-        self._built: Dict[tuple, List[Row]] = {}
+        self.processor = image_processor(hparams)
+        self._mined: Dict[tuple, List[Row]] = {}
 
     def rows(self, views: List[dict]) -> List[Row]:
-        return [row for view in views for row in self._of(view)]
+        return [dataclasses.replace(r, image=self._image(r, view)) for view in views for r in self._of(view)]
+
+    def _image(self, row: Row, view: dict) -> torch.Tensor:
+        if row.source is None:  # the edit image itself
+            return view["image"]
+        return pool_image(row.source, self.processor, self.adapter.image_size)
 
     def _of(self, view: dict) -> List[Row]:
         image = hashlib.sha1(view["image"].detach().cpu().contiguous().numpy().tobytes()).hexdigest()
         key = (view["prompt"], view["target"], image)
-        if key not in self._built:
-            self._built[key] = self._build(view)
-        return self._built[key]
+        if key not in self._mined:
+            self._mined[key] = [dataclasses.replace(r, image=None) for r in self._mine(view)]
+        return self._mined[key]
 
-    def _build(self, view: dict) -> List[Row]:
+    def _mine(self, view: dict) -> List[Row]:
         env, adapter = self.hparams.environments, self.adapter
         was_training = adapter.training
         adapter.eval()  # the unedited model's answers, as at edit time

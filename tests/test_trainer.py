@@ -73,19 +73,20 @@ def test_mend_meta_training_meets_each_edits_content_environments(world, tmp_pat
     same-content images (the target's NLL) join the loss; a record's rows are mined once."""
     from easyedit_odedit import trainer as trainer_module
 
-    built, risks_seen = [], []
-    real_build, real_risks = trainer_module.ContentRows._build, ODEditMultimodalTrainer._content_risks
+    built, risks_seen, mined = [], [], []
+    real_build, real_risks = trainer_module.ContentRows._mine, ODEditMultimodalTrainer._content_risks
 
     def counting_build(self, view):
         built.append((view["prompt"], view["target"], view["image"].sum().item()))
-        return real_build(self, view)
+        mined.append((view, real_build(self, view)))
+        return mined[-1][1]
 
     def recording_risks(self, batch, edited, scale):
         found = real_risks(self, batch, edited, scale)
         risks_seen.append({k: v.item() for k, v in found.items()})
         return found
 
-    monkeypatch.setattr(trainer_module.ContentRows, "_build", counting_build)
+    monkeypatch.setattr(trainer_module.ContentRows, "_mine", counting_build)
     monkeypatch.setattr(ODEditMultimodalTrainer, "_content_risks", recording_risks)
     trainer = _content_trainer(world, tmp_path, "content")
     trainer.run()
@@ -94,6 +95,12 @@ def test_mend_meta_training_meets_each_edits_content_environments(world, tmp_pat
     assert all(set(r) == {"near_miss", "same_content"} and all(v == v and v >= 0 for v in r.values())
                for r in risks_seen)
     assert built[0][0] == "Question: what color is the shape ? Short answer:"  # as the model is asked it
+    # kept as text and paths: the rows a later draw gets are the mined ones, images included
+    for view, rows in mined:
+        again = trainer._content_rows.rows([view])
+        assert [(r.env, r.prompt, r.target) for r in again] == [(r.env, r.prompt, r.target) for r in rows]
+        assert all(torch.equal(a.image, r.image) for a, r in zip(again, rows))
+    assert any(r.source is not None for _, rows in mined for r in rows)
     trained = {k: v.clone() for k, v in trainer.model.mend.state_dict().items()}
 
     # the same run without content rows trains another gradient network: the terms reach the loss
