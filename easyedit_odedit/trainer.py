@@ -10,8 +10,8 @@ of edit and rephrase prompts, and the learned-multiplier TV penalty over the fiv
 (edit_inner, edit_outer, edit_outer_image, loc, loc_image). Training-time use of the train split's
 rephrases is legitimate: this is meta-training, not the edit of an evaluated record.
 
-Where the YAML names probes (the content preset), MEND also meets each training edit's content
-environments (``ContentRows``): the near misses the edit must not reach and the same-content images
+With ``environments.meta_training_rows`` (MEND, probes named), MEND also meets each training edit's
+content environments (``ContentRows``): the near misses the edit must not reach and the same-content images
 it must carry to, mined from the train-split pool as at edit time, in two more environments.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 from . import compat
 from . import penalty as tv
 from . import risks
-from .environments import VQA_TEMPLATE, Row, content_aware, pool_image
+from .environments import VQA_TEMPLATE, Row, pool_image
 from .odedit.odedit_main import edit_seed
 from .odedit.rows import build_rows, image_processor
 
@@ -260,7 +260,7 @@ def adopt(trainer) -> None:
         return
     trainer.__class__ = type("ODEditMultimodalTrainer", (ODEditMultimodalTrainer, type(trainer)), {})
     config = trainer.config
-    if content_aware(config.environments) and config.host_params_alg == "MEND":
+    if config.environments.meta_training_rows:  # MEND with probes (checked when the YAML is read)
         trainer._content_rows = ContentRows(trainer.model.model, config)
         trainer.train_loader.collate_fn = _adding_views(trainer.train_loader.collate_fn, trainer.train_set)
 

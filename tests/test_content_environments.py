@@ -231,6 +231,7 @@ def test_a_check_that_holds_ends_the_edit_with_that_iterate(world, monkeypatch):
 
 @pytest.mark.parametrize("section, values, field", [
     ("constraints", {"max_steps": 0}, "constraints.max_steps"),
+    ("environments", {"meta_training_rows": True}, "environments.meta_training_rows"),  # FT-L: MEND only
     ("constraints", {"se_share": 1.5}, "constraints.se_share"),
     ("constraints", {"growth": 0.5}, "constraints.out_kl/growth/max_weight"),
     ("environments", {"probes": ["what is it?", ""]}, "environments.probes"),

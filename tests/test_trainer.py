@@ -50,7 +50,8 @@ def test_mend_meta_trains_with_the_odedit_objective(world, tmp_path):
 
 
 def _content_trainer(world, tmp_path, name):
-    """A MEND+ODEdit trainer whose YAML names probes (content environments), on 8 records."""
+    """A MEND+ODEdit trainer whose YAML names probes, on 8 records; ``name`` "content": with
+    ``meta_training_rows``."""
     from tests.test_content_environments import CONTENT_ENV
 
     config = yaml.safe_load(open(os.path.join(ROOT, "hparams/TRAINING/ODEdit/tiny-mend.yaml")))
@@ -58,7 +59,8 @@ def _content_trainer(world, tmp_path, name):
     host.update(batch_size=2, max_iters=8, val_interval=8, val_steps=1, final_eval=False)
     config.update(name=str(world / "model"), tokenizer_name=str(world / "model"), coco_image=str(world),
                   rephrase_image=str(world), results_dir=str(tmp_path / name), host_hparams=host, preset="content",
-                  environments={"locality_pool": str(world / "pool.json"), **CONTENT_ENV})
+                  environments={"locality_pool": str(world / "pool.json"), "meta_training_rows": name == "content",
+                                **CONTENT_ENV})
     hp = ODEditHyperParams.from_dict(config)
     VQADataset = compat.module("dataset.vqa").VQADataset
     data = VQADataset(_vqa_json(world, tmp_path / "train.json", 8), config=hp)
@@ -69,7 +71,7 @@ def _content_trainer(world, tmp_path, name):
 
 
 def test_mend_meta_training_meets_each_edits_content_environments(world, tmp_path, monkeypatch):
-    """With probes named, each training edit's near misses (KL to the unedited model) and
+    """With ``meta_training_rows``, each training edit's near misses (KL to the unedited model) and
     same-content images (the target's NLL) join the loss; a record's rows are mined once."""
     from easyedit_odedit import trainer as trainer_module
 
@@ -103,9 +105,9 @@ def test_mend_meta_training_meets_each_edits_content_environments(world, tmp_pat
     assert any(r.source is not None for _, rows in mined for r in rows)
     trained = {k: v.clone() for k, v in trainer.model.mend.state_dict().items()}
 
-    # the same run without content rows trains another gradient network: the terms reach the loss
-    monkeypatch.setattr(trainer_module.ContentRows, "rows", lambda self, views: [])
+    # the same run without them (the default) trains another gradient network: the terms reach the loss
     plain = _content_trainer(world, tmp_path, "plain")
+    assert not hasattr(plain, "_content_rows")
     plain.run()
     assert any(not torch.equal(trained[k], v) for k, v in plain.model.mend.state_dict().items())
 

@@ -73,6 +73,10 @@ class EnvironmentSettings:
     probe_batch: int = 64       # probe rows answered per forward pass
     pool_index: str = "memory"  # where the pool index lives: "memory" (this process), "auto" (the
                                 # plugin's cache folder) or a folder; saved, it is loaded by later runs
+    # MEND's meta-training (``alg: ODEdit``) also meets each training edit's near misses and
+    # same-content images (``trainer.ContentRows``). Off: on MiniMMEdit it made MEND's own edits worse
+    # (docs/near-misses.md, "Content in MEND's meta-training")
+    meta_training_rows: bool = False
 
 
 @dataclass
@@ -199,6 +203,11 @@ class ODEditHyperParams:
             raise ODEditError(f"{where}: environments.probes", [], "name the questions that describe an image, "
                               "e.g. ['Question: what color is it? Short answer:', 'Question: what is it? Short answer:']",
                               problem="is empty, and preset: content needs them")
+        if sections["environments"].meta_training_rows and (spec.name != "MEND" or not sections["environments"].probes
+                                                            or not sections["environments"].probe_pool):
+            raise ODEditError(f"{where}: environments.meta_training_rows", True, "set it only for host MEND with "
+                              "environments.probes named and probe_pool > 0 (the near misses are mined by them), "
+                              "or remove it", problem="cannot be met")
         host_raw = config.pop("host_hparams", {})
         flags = {k: typed(f"{where}: {k}", config.pop(k), bool) for k in ("enabled", "progress") if k in config}
         easyedit = {}
