@@ -152,7 +152,7 @@ class ODEditMultimodalTrainer:
         if not rows:  # the probes told no image from another
             return {}
         samples = content.samples(rows)
-        post = edited._edited(samples)
+        post = edited(samples)
         with torch.no_grad():
             pre = self.model(samples)
         env_risks = {}
