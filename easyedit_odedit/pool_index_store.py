@@ -60,7 +60,7 @@ def weights_digest(model: torch.nn.Module, workers: Optional[int] = None) -> str
     core uses one)."""
     tensors = list(model.named_parameters()) + list(model.named_buffers())
     with ThreadPoolExecutor(max(1, workers or torch.get_num_threads())) as pool:
-        digests = list(pool.map(lambda item: _tensor_digest(item[1]), tensors))
+        digests = list(pool.map(lambda item: tensor_digest(item[1]), tensors))
     whole = hashlib.sha256()
     for (name, t), digest in zip(tensors, digests):
         whole.update(f"{name}\x00{t.dtype}\x00{tuple(t.shape)}\x00".encode())
@@ -68,7 +68,8 @@ def weights_digest(model: torch.nn.Module, workers: Optional[int] = None) -> str
     return whole.hexdigest()
 
 
-def _tensor_digest(t: torch.Tensor) -> bytes:
+def tensor_digest(t: torch.Tensor) -> bytes:
+    """The tensor's bytes hashed, whatever its dtype (bfloat16 included) and device."""
     data = t.detach().reshape(-1).contiguous().cpu()
     return hashlib.sha256(data.view(torch.uint8).numpy()).digest()
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import warnings
 from typing import Dict, List, Optional
 
@@ -30,6 +29,7 @@ from . import risks
 from .environments import VQA_TEMPLATE, Row, pool_image
 from .odedit.odedit_main import edit_seed
 from .odedit.rows import build_rows, image_processor
+from .pool_index_store import tensor_digest
 
 ENVS = ("edit_inner", "edit_outer", "edit_outer_image", "loc", "loc_image")
 CONTENT_ENVS = {"OUT_near": "near_miss", "SE_content": "same_content"}  # edit-time group -> environment
@@ -193,8 +193,7 @@ class ContentRows:
         return pool_image(row.source, self.processor, self.adapter.image_size)
 
     def _of(self, view: dict) -> List[Row]:
-        image = hashlib.sha1(view["image"].detach().cpu().contiguous().numpy().tobytes()).hexdigest()
-        key = (view["prompt"], view["target"], image)
+        key = (view["prompt"], view["target"], tensor_digest(view["image"]))
         if key not in self._mined:
             self._mined[key] = [dataclasses.replace(r, image=None) for r in self._mine(view)]
         return self._mined[key]
