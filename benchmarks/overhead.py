@@ -153,11 +153,14 @@ def batched_nll_steps():
     from easyedit_odedit.odedit import odedit_main
     from easyedit_odedit.odedit.objective import ODEditObjective
 
+    from easyedit_odedit import risks
+
     class BatchedNLL(ODEditObjective):
         def update(self, idx):
-            batch, logits, _ = self.forward(idx)
-            loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                                                     batch.labels[:, 1:].reshape(-1), ignore_index=-100)
+            batch, hidden = self.forward(idx)
+            at = risks.answer_positions(batch.labels)  # as ODEdit's step, the LM head where a label is read
+            logits = self.adapter.lm_head()(hidden[at])
+            loss = torch.nn.functional.cross_entropy(logits.float(), batch.labels[:, 1:][at[:, :-1]])
             self._descend(loss)
             self.step += 1
             return {"objective": loss.item()}

@@ -7,8 +7,8 @@ edit, the input of layer k never changes during the edit. ``PrefixCache`` runs t
 It works for any transformers decoder that keeps its blocks in one ``nn.ModuleList``.
 
 ``LastModuleCache`` goes further when the edit touches one module of the last layer only (FT-L's
-and LoRA's top MLP): a step then runs that module, the final norm and the LM head on the few
-positions the risks read.
+and LoRA's top MLP): a step then runs that module and the final norm on the last few positions, and
+the LM head on the positions the risks read.
 """
 from __future__ import annotations
 
@@ -71,10 +71,10 @@ class PrefixCache:
         finally:
             handle.remove()
 
-    def decode(self, adapter, batch, rows: torch.Tensor, logit_scale=None, tail: Optional[int] = None):
-        """``adapter.decode`` of the cached ``rows`` (``batch``), running only layers >= k."""
+    def hidden_states(self, adapter, batch, rows: torch.Tensor, tail: Optional[int] = None) -> torch.Tensor:
+        """``adapter.decode_hidden`` of the cached ``rows`` (``batch``), running only layers >= k."""
         with self.bypass(rows):
-            return adapter.decode(batch, logit_scale=logit_scale, tail=tail)
+            return adapter.decode_hidden(batch, tail)
 
     def _wrap(self, hidden: torch.Tensor):
         return (hidden,) if self.as_tuple else hidden
@@ -123,8 +123,8 @@ class LastModuleCache:
         hidden = final_norm(residual + M(x)),
 
     with ``x`` (M's input) and ``residual`` (the layer's output minus M's output) fixed during the
-    edit: a step runs M, the final norm and the LM head on the last ``tail`` positions only - no
-    attention, no image positions. The structure is not assumed but checked (``verify``) on the
+    edit: a step runs M and the final norm on the last ``tail`` positions only - no attention, no
+    image positions. The structure is not assumed but checked (``verify``) on the
     real model; when the check fails ODEdit uses ``PrefixCache`` instead."""
 
     def __init__(self, module: nn.Module, last_layer: nn.Module, final_norm: nn.Module,
@@ -163,12 +163,10 @@ class LastModuleCache:
         """The decoder's last hidden states at the cached positions of ``rows``, as edited now."""
         return self.final_norm(self.residual[rows] + self.module(self.x[rows]))
 
-    def decode(self, adapter, batch, rows: torch.Tensor, logit_scale=None, tail: Optional[int] = None):
-        """What ``adapter.decode(batch, logit_scale, tail)`` returns, from the cache (``tail`` must be
-        the one captured)."""
-        hidden = self.hidden(rows)
-        logits = adapter.lm_head()(hidden)
-        return (logits if logit_scale is None else logits * logit_scale), hidden
+    def hidden_states(self, adapter, batch, rows: torch.Tensor, tail: Optional[int] = None) -> torch.Tensor:
+        """What ``adapter.decode_hidden(batch, tail)`` returns, from the cache (``tail`` must be the
+        one captured)."""
+        return self.hidden(rows)
 
     def verify(self, run_full, tail: int) -> bool:
         """Checks both assumptions on two cached rows (once per model: the answer is structural):

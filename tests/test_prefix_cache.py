@@ -51,8 +51,9 @@ def test_cached_decode_matches_the_full_model_after_the_edit_moves(world, case):
         for p in params.values():
             p.add_(0.5 * p.abs().mean().clamp(min=0.05) * torch.randn(p.shape, generator=gen))
         cache = rows.cache
-        cached_logits, cached_hidden = (cache.decode(adapter, batch, idx, tail=rows.tail) if cache is not None
-                                        else adapter.decode(batch, tail=rows.tail))
+        cached_hidden = (cache.hidden_states(adapter, batch, idx, tail=rows.tail) if cache is not None
+                         else adapter.decode_hidden(batch, tail=rows.tail))
+        cached_logits = adapter.lm_head()(cached_hidden)
         full_logits, full_hidden = adapter.decode(batch, tail=rows.tail)
     host_obj.finalize(adapter)
     assert not torch.allclose(full_logits, before, atol=1e-3)  # the edit moved them: a stale cache would fail

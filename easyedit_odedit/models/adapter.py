@@ -251,19 +251,23 @@ class MultimodalLMAdapter(nn.Module):
     def decode(self, batch: EmbeddedBatch, logit_scale=None, tail: Optional[int] = None):
         """Run the language model; returns (logits * logit_scale, last hidden states), for the last
         ``tail`` positions only when given (a LLaVA row has 576 image positions that no risk reads:
-        the LM head and its float copies would be most of the memory).
+        the LM head and its float copies would be most of the memory)."""
+        hidden = self.decode_hidden(batch, tail)
+        logits = self.lm_head()(hidden)
+        return (logits if logit_scale is None else logits * logit_scale), hidden
+
+    def decode_hidden(self, batch: EmbeddedBatch, tail: Optional[int] = None) -> torch.Tensor:
+        """The decoder's last hidden states (after its final norm), of the last ``tail`` positions
+        when given: for callers that apply the LM head to the few positions they read.
 
         The decoder and the LM head are called separately (rather than asking the causal LM for
         ``output_hidden_states``): transformers 5 collects hidden states with hooks that MEND's
         monkey-patched model copies do not carry."""
         hidden = self.text_decoder()(inputs_embeds=batch.inputs_embeds,
-                                                   attention_mask=batch.attention_mask,
-                                                   position_ids=batch.position_ids,
-                                                   use_cache=False).last_hidden_state
-        if tail is not None:
-            hidden = hidden[:, -tail:]
-        logits = self.lm_head()(hidden)
-        return (logits if logit_scale is None else logits * logit_scale), hidden
+                                     attention_mask=batch.attention_mask,
+                                     position_ids=batch.position_ids,
+                                     use_cache=False).last_hidden_state
+        return hidden if tail is None else hidden[:, -tail:]
 
 
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

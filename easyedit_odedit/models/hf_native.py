@@ -283,14 +283,13 @@ class HFNativeView(MultimodalLMAdapter):
     def lm_head(self) -> nn.Module:
         return self.hf_model.get_output_embeddings()
 
-    def decode(self, batch: EmbeddedBatch, logit_scale=None, tail=None):
-        """The text decoder, then the LM head, on the whole batch (no pixels: the image features
-        are in ``inputs_embeds``). Returns (logits * logit_scale, final-norm hidden states), for the
-        last ``tail`` positions only when given; only the last hidden state is kept."""
+    def decode_hidden(self, batch: EmbeddedBatch, tail=None):
+        """The text decoder on the whole batch (no pixels: the image features are in
+        ``inputs_embeds``); its last hidden state, of the last ``tail`` positions when given."""
         if batch.position_ids.dim() == 3:  # batch-first [B, 3, L] -> the decoder's [3, B, L]
             batch = EmbeddedBatch(batch.inputs_embeds, batch.attention_mask, batch.position_ids.permute(1, 0, 2),
                                   batch.labels)
-        return super().decode(batch, logit_scale=logit_scale, tail=tail)
+        return super().decode_hidden(batch, tail)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] -> [B, N, D]: the decoder inputs at the image-token positions of a row that

@@ -32,8 +32,8 @@ class EditRows:
     """The per-edit pool of rows, embedded once, with the unedited model's OUT distributions.
 
     Rows are left-padded, so every position any risk reads lies in the last ``tail`` columns; the
-    decoder's output is cut to those before the LM head. The one full pass over the unedited model
-    also fills the prefix cache, when there is one."""
+    decoder's output is cut to those, and the LM head runs on the positions read only. The one full
+    pass over the unedited model also fills the prefix cache, when there is one."""
 
     def __init__(self, adapter: MultimodalLMAdapter, rows: List[Row], kl_positions: str,
                  cache: Optional[Cache] = None, reference=None):
@@ -51,33 +51,34 @@ class EditRows:
             width = read.shape[1]
             self.tail = width - int(read.any(0).float().argmax())
             self.cache = cache
-            logits = self._capture()
+            hidden = self._capture()
             if reference is not None:
                 with reference():
-                    logits, _ = self.adapter.decode(self.embed(range(len(rows))), tail=self.tail)
-        # the unedited log-probs at every compared position of an OUT row, flat, and where each lies
-        self.is_out = torch.tensor([e in OUT_ENVS for e in self.envs], device=logits.device)
-        self.compare_tail = self.compare_mask[:, -self.tail:] & self.is_out[:, None]
-        self.pre_log_probs = torch.log_softmax(logits[self.compare_tail].float(), -1)
-        self.pre_index = torch.full(self.compare_tail.shape, -1, dtype=torch.long, device=logits.device)
-        self.pre_index[self.compare_tail] = torch.arange(len(self.pre_log_probs), device=logits.device)
+                    hidden = self.adapter.decode_hidden(self.embed(range(len(rows))), self.tail)
+            # the unedited log-probs at every compared position of an OUT row, flat, and where each lies
+            self.is_out = torch.tensor([e in OUT_ENVS for e in self.envs], device=hidden.device)
+            self.compare_tail = self.compare_mask[:, -self.tail:] & self.is_out[:, None]
+            self.pre_log_probs = torch.log_softmax(adapter.lm_head()(hidden[self.compare_tail]).float(), -1)
+        self.pre_index = torch.full(self.compare_tail.shape, -1, dtype=torch.long, device=hidden.device)
+        self.pre_index[self.compare_tail] = torch.arange(len(self.pre_log_probs), device=hidden.device)
 
     def _capture(self) -> torch.Tensor:
-        """The one full pass over the unedited model (the OUT references); it also fills the cache.
-        A ``LastModuleCache`` whose structural check fails gives way to its layer-level fallback."""
+        """The one full pass over the unedited model (its last hidden states: the OUT references);
+        it also fills the cache. A ``LastModuleCache`` whose structural check fails gives way to its
+        layer-level fallback."""
         cache = self.cache
         with cache.capturing(self.tail) if cache is not None else contextlib.nullcontext():
-            logits, _ = self.adapter.decode(self.embedded, tail=self.tail)
+            hidden = self.adapter.decode_hidden(self.embedded, self.tail)
         if isinstance(cache, LastModuleCache):
             def run_full(rows):
-                return self.adapter.decode(_select(self.embedded, rows), tail=self.tail)[1]
+                return self.adapter.decode_hidden(_select(self.embedded, rows), self.tail)
 
             if not cache.verify(run_full, self.tail):
                 self.cache = cache.fallback
                 if self.cache is not None:
                     with self.cache.capturing(self.tail):
-                        self.adapter.decode(self.embedded, tail=self.tail)
-        return logits
+                        self.adapter.decode_hidden(self.embedded, self.tail)
+        return hidden
 
     def unedited_at(self, rows: torch.Tensor, width: int):
         """Where the chosen rows' OUT positions lie in their last ``width`` columns, and the unedited
@@ -162,33 +163,38 @@ class ODEditObjective:
 
     # -- one forward pass over every environment row of the step ------------------------------
     def forward(self, idx: List[int]):
-        """Logits and hidden states of the last ``tail`` positions of the chosen rows, and the
+        """The decoder's hidden states at the last ``tail`` positions of the chosen rows, and the
         rows' batch with its labels cut to the same columns."""
         rows = torch.tensor(idx, device=self.rows.embedded.inputs_embeds.device)
         tail = self.rows.tail
         batch = self.rows.embed(idx) if self.reembed else _select(self.rows.embedded, rows)
         if self.cache is not None:
-            logits, hidden = self.cache.decode(self.adapter, batch, rows, tail=tail)
+            hidden = self.cache.hidden_states(self.adapter, batch, rows, tail)
         else:
-            logits, hidden = self.adapter.decode(batch, tail=tail)
-        return _with_labels(batch, batch.labels[:, -tail:]), logits, hidden
+            hidden = self.adapter.decode_hidden(batch, tail)
+        return _with_labels(batch, batch.labels[:, -tail:]), hidden
 
-    def risks(self, rows: torch.Tensor, group: torch.Tensor, n_groups: int, batch: EmbeddedBatch,
-              logits: torch.Tensor):
+    def read(self, rows: torch.Tensor, batch: EmbeddedBatch, hidden: torch.Tensor) -> "Read":
+        """The LM head at the positions a risk reads, and nowhere else (with a 32k vocabulary it is
+        most of a step): on IN/SE rows each position that predicts a target token, on OUT rows each
+        compared position, with the unedited model's log-probs there."""
+        width = hidden.shape[1]  # < tail when re-embedded rows pad to less: rows are left-padded, align right
+        nll_at = risks.answer_positions(batch.labels) & ~self.rows.is_out[rows][:, None]
+        kl_at, pre = self.rows.unedited_at(rows, width)
+        logits = self.adapter.lm_head()(torch.cat([hidden[nll_at], hidden[kl_at]]))
+        targets = batch.labels[:, 1:][nll_at[:, :-1]]  # answer_positions never marks the last column
+        return Read(logits, targets, pre, nll_at, kl_at)
+
+    def risks(self, group: torch.Tensor, n_groups: int, read: "Read"):
         """Each environment's risk - the NLL of the target on IN/SE rows, the KL to the unedited
         model on OUT rows - and its gradient in the classifier scale omega (the TV penalty's g_e),
         from every compared position at once; ``group`` is each row's environment. Two [n_groups]."""
-        out = self.rows.is_out[rows]
-        width = logits.shape[1]  # < tail when re-embedded rows pad to less: rows are left-padded, align right
-        nll_at = risks.answer_positions(batch.labels)[:, :-1] & ~out[:, None]
-        kl_at, pre = self.rows.unedited_at(rows, width)
-        nll_logits, targets = logits[:, :-1][nll_at], batch.labels[:, 1:][nll_at]
-        kl_logits = logits[kl_at]
-        position_group = torch.cat([group[:, None].expand_as(nll_at)[nll_at], group[:, None].expand_as(kl_at)[kl_at]])
+        position_group = torch.cat([group[:, None].expand_as(read.nll_at)[read.nll_at],
+                                    group[:, None].expand_as(read.kl_at)[read.kl_at]])
         if not self.use_odedit:  # the host alone: its own rows' NLL (no OUT rows)
-            values = torch.nn.functional.cross_entropy(nll_logits.float(), targets, reduction="none")
+            values = torch.nn.functional.cross_entropy(read.nll_logits.float(), read.targets, reduction="none")
             return risks.segment_mean(values, position_group, n_groups), None
-        values, omega_grads = tv.risks_and_omega_gradients(torch.cat([nll_logits, kl_logits]), targets, pre,
+        values, omega_grads = tv.risks_and_omega_gradients(read.logits, read.targets, read.pre,
                                                           self.hp.risks.kl_direction)
         env_risk, env_omega_grad = risks.segment_mean(torch.stack([values, omega_grads], 1), position_group,
                                                       n_groups).unbind(1)
@@ -209,12 +215,13 @@ class ODEditObjective:
         groups = list(dict.fromkeys(envs))  # the environments present in this step
         device = self.rows.embedded.inputs_embeds.device
         group = torch.tensor([groups.index(e) for e in envs], device=device)
-        batch, logits, hidden = self.forward(idx)
-        env_risk, env_omega_grad = self.risks(torch.tensor(idx, device=device), group, len(groups), batch, logits)
+        batch, hidden = self.forward(idx)
+        read = self.read(torch.tensor(idx, device=device), batch, hidden)
+        env_risk, env_omega_grad = self.risks(group, len(groups), read)
         r_rel = env_risk[groups.index("IN")]
         terms = {"rel_nll": r_rel}
         if not self.use_odedit:
-            return Evaluated(r_rel, terms, None, None, 0.0, logits, batch, envs)
+            return Evaluated(r_rel, terms, None, None, 0.0, read, envs)
         r_se = _mean(env_risk, [i for i, g in enumerate(groups) if g in KEEP_ENVS])
         r_loc = _mean(env_risk, [i for i, g in enumerate(groups) if g in OUT_ENVS])
         feats = self.mmd_features(batch, hidden)
@@ -232,7 +239,7 @@ class ODEditObjective:
             # the penalty's weight jumps from 0 to w * lambda: keep the gradient scale of the edit
             objective = objective / (1.0 + weight * lam.detach())
         terms.update(se_nll=r_se, loc_kl=r_loc, gen_mmd=r_gen, tv=penalty, lam=lam)
-        return Evaluated(objective, terms, lam, penalty, weight, logits, batch, envs)
+        return Evaluated(objective, terms, lam, penalty, weight, read, envs)
 
     def update(self, idx: List[int]) -> Dict[str, float]:
         hp = self.hp
@@ -264,16 +271,13 @@ class ODEditObjective:
         c = self.hp.constraints
         every_row = list(range(len(self.rows.rows)))
         rows = torch.tensor(every_row, device=self.rows.embedded.inputs_embeds.device)
-        batch, logits, _ = self.forward(every_row)
-        at = risks.answer_positions(batch.labels)[:, :-1]
-        gives_target = ((logits[:, :-1].argmax(-1) == batch.labels[:, 1:]) | ~at).all(1)
-        kl_at, pre = self.rows.unedited_at(rows, logits.shape[1])
-        kept = torch.ones_like(kl_at)
-        kept[kl_at] = logits[kl_at].argmax(-1) == pre.argmax(-1)
-        kl = risks.kl_per_position(logits[kl_at], pre, self.hp.risks.kl_direction)
+        read = self.read(rows, *self.forward(every_row))
+        gives_target = read.all_right(read.nll_at, read.nll_logits.argmax(-1) == read.targets)
+        kept = read.all_right(read.kl_at, read.kl_logits.argmax(-1) == read.pre.argmax(-1))
+        kl = risks.kl_per_position(read.kl_logits, read.pre, self.hp.risks.kl_direction)
         envs = self.rows.envs
         se = gives_target[[i for i, e in enumerate(envs) if e in KEEP_ENVS]].float()
-        out = kept.all(1)[[i for i, e in enumerate(envs) if e in OUT_ENVS]].float()
+        out = kept[[i for i, e in enumerate(envs) if e in OUT_ENVS]].float()
         se_share, out_share = (se.mean().item() if len(se) else 1.0), (out.mean().item() if len(out) else 1.0)
         holds = {"IN": bool(gives_target[envs.index("IN")]), "SE": se_share >= c.se_share,
                  "OUT": out_share >= c.out_share and (not len(kl) or kl.mean().item() <= c.out_kl)}
@@ -307,10 +311,8 @@ class ODEditObjective:
     @torch.no_grad()
     def _makes_edit(g: "Evaluated") -> torch.Tensor:
         """Whether every target token of the IN row is the argmax (a 0-dim tensor, read with the logs)."""
-        j = g.envs.index("IN")
-        labels = g.batch.labels[j, 1:]
-        mask = labels != risks.IGNORE
-        return (g.logits[j, :-1].argmax(-1)[mask] == labels[mask]).all()
+        read = g.read
+        return read.all_right(read.nll_at, read.nll_logits.argmax(-1) == read.targets)[g.envs.index("IN")]
 
     def finish(self) -> None:
         """End with the chosen iterate (``selection.BestIterate``)."""
@@ -345,16 +347,41 @@ class ODEditObjective:
         self.optimizer.step()
 
 
+class Read(NamedTuple):
+    """The logits of the positions a step reads: first every NLL position (IN/SE rows, in row-major
+    order of ``nll_at``, predicting ``targets``), then every KL position (OUT rows, ``kl_at``,
+    unedited log-probs ``pre``). The masks cover the step's rows and their last columns."""
+    logits: torch.Tensor
+    targets: torch.Tensor
+    pre: torch.Tensor
+    nll_at: torch.Tensor
+    kl_at: torch.Tensor
+
+    @property
+    def nll_logits(self) -> torch.Tensor:
+        return self.logits[:len(self.targets)]
+
+    @property
+    def kl_logits(self) -> torch.Tensor:
+        return self.logits[len(self.targets):]
+
+    def all_right(self, at: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        """[rows] bool: whether every position of a row marked in ``at`` is ``right`` (one flag a
+        position, in ``at``'s order); rows without such positions count as right."""
+        wrong = torch.zeros(at.shape, dtype=torch.bool, device=at.device)
+        wrong[at] = ~right
+        return ~wrong.any(1)
+
+
 class Evaluated(NamedTuple):
     """G and what a step needs besides it (lambda, the penalty and its weight for the dual step;
-    logits and batch for the best-iterate check)."""
+    the read logits for the best-iterate check)."""
     objective: torch.Tensor
     terms: Dict[str, torch.Tensor]
     lam: Optional[torch.Tensor]
     penalty: Optional[torch.Tensor]
     weight: float
-    logits: torch.Tensor
-    batch: EmbeddedBatch
+    read: Read
     envs: List[str]
 
 
