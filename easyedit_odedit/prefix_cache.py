@@ -71,6 +71,14 @@ class PrefixCache:
         finally:
             handle.remove()
 
+    def captured(self) -> Tuple[torch.Tensor, ...]:
+        """What the last capture kept ([rows, positions, ...]), for ``load_captured``."""
+        return (self.cached,)
+
+    def load_captured(self, tensors: Tuple[torch.Tensor, ...]) -> None:
+        """Captures of several passes, merged: every row, right-aligned to the batch's width."""
+        (self.cached,) = tensors
+
     def hidden_states(self, adapter, batch, rows: torch.Tensor, tail: Optional[int] = None) -> torch.Tensor:
         """``adapter.decode_hidden`` of the cached ``rows`` (``batch``), running only layers >= k."""
         with self.bypass(rows):
@@ -158,6 +166,12 @@ class LastModuleCache:
         finally:
             for handle in handles:
                 handle.remove()
+
+    def captured(self) -> Tuple[torch.Tensor, ...]:
+        return self.x, self.module_out, self.residual
+
+    def load_captured(self, tensors: Tuple[torch.Tensor, ...]) -> None:
+        self.x, self.module_out, self.residual = tensors
 
     def hidden(self, rows: torch.Tensor) -> torch.Tensor:
         """The decoder's last hidden states at the cached positions of ``rows``, as edited now."""

@@ -83,3 +83,18 @@ def test_a_wrong_structure_is_detected_and_the_layer_cache_is_used(world, monkey
     assert isinstance(cache, LastModuleCache)
     rows = EditRows(adapter, _rows(world), "answer", cache)
     assert type(rows.cache) is PrefixCache
+
+
+def test_the_unedited_pass_runs_text_rows_apart_and_gives_what_one_batch_gives(world):
+    """The set-up runs the rows with an image and the text rows as two batches (a text row padded to
+    an image row's width would cost as much as one); the OUT references are those of one batch."""
+    adapter = load_adapter(str(world / "model"))
+    rows = EditRows(adapter, _rows(world), "all")
+    widths = rows.embedded.attention_mask.sum(1)
+    assert rows.with_image.tolist() == [True, True, False, True]
+    assert widths[2] < widths.max() / 2  # the text row is the short one the split is for
+    with torch.no_grad():
+        logits, _ = adapter.decode(rows.embedded, tail=rows.tail)
+    one_batch = torch.log_softmax(logits[rows.compare_tail].float(), -1)
+    assert rows.pre_log_probs.shape == one_batch.shape and rows.compare_tail[2].any()
+    assert torch.allclose(rows.pre_log_probs, one_batch, atol=1e-5)

@@ -51,10 +51,11 @@ class EditRows:
             width = read.shape[1]
             self.tail = width - int(read.any(0).float().argmax())
             self.cache = cache
+            self.with_image = torch.tensor([image is not None for image in self.images], device=self.embedded.labels.device)
             hidden = self._capture()
             if reference is not None:
                 with reference():
-                    hidden = self.adapter.decode_hidden(self.embed(range(len(rows))), self.tail)
+                    hidden = self.unedited_pass(self.embed(range(len(rows))))
             # the unedited log-probs at every compared position of an OUT row, flat, and where each lies
             self.is_out = torch.tensor([e in OUT_ENVS for e in self.envs], device=hidden.device)
             self.compare_tail = self.compare_mask[:, -self.tail:] & self.is_out[:, None]
@@ -67,8 +68,7 @@ class EditRows:
         it also fills the cache. A ``LastModuleCache`` whose structural check fails gives way to its
         layer-level fallback."""
         cache = self.cache
-        with cache.capturing(self.tail) if cache is not None else contextlib.nullcontext():
-            hidden = self.adapter.decode_hidden(self.embedded, self.tail)
+        hidden = self.unedited_pass(self.embedded, cache)
         if isinstance(cache, LastModuleCache):
             def run_full(rows):
                 return self.adapter.decode_hidden(_select(self.embedded, rows), self.tail)
@@ -76,9 +76,29 @@ class EditRows:
             if not cache.verify(run_full, self.tail):
                 self.cache = cache.fallback
                 if self.cache is not None:
-                    with self.cache.capturing(self.tail):
-                        self.adapter.decode_hidden(self.embedded, self.tail)
+                    self.unedited_pass(self.embedded, self.cache)
         return hidden
+
+    def unedited_pass(self, batch: EmbeddedBatch, cache: Optional[Cache] = None) -> torch.Tensor:
+        """The last ``tail`` hidden states of every row of ``batch`` (and ``cache`` filled), run as
+        one batch of the rows with an image and one of the rows without: in a single left-padded
+        batch a text row of a few tokens would run at an image row's width (576 image positions on
+        LLaVA), and most OUT rows are text rows. Padding never changes a row's result beyond float
+        rounding, and each edit pools its rows the same way, so repeats stay bit-identical."""
+        buckets = [rows for rows in (self.with_image, ~self.with_image) if rows.any()]
+        if len(buckets) == 1:
+            with cache.capturing(self.tail) if cache is not None else contextlib.nullcontext():
+                return self.adapter.decode_hidden(batch, self.tail)
+        hidden, captured = [], []
+        for rows in buckets:
+            with cache.capturing(self.tail) if cache is not None else contextlib.nullcontext():
+                hidden.append(self.adapter.decode_hidden(_trimmed(_select(batch, rows), self.tail), self.tail))
+            if cache is not None:
+                captured.append(cache.captured())
+        order = torch.argsort(torch.cat([rows.nonzero()[:, 0] for rows in buckets]))  # back to the rows' order
+        if cache is not None:
+            cache.load_captured(tuple(_merged(parts, order) for parts in zip(*captured)))
+        return torch.cat(hidden)[order]
 
     def unedited_at(self, rows: torch.Tensor, width: int):
         """Where the chosen rows' OUT positions lie in their last ``width`` columns, and the unedited
@@ -139,6 +159,33 @@ def _with_labels(batch: EmbeddedBatch, labels: torch.Tensor) -> EmbeddedBatch:
 
 def _select(batch: EmbeddedBatch, idx: torch.Tensor) -> EmbeddedBatch:
     return EmbeddedBatch(batch.inputs_embeds[idx], batch.attention_mask[idx], batch.position_ids[idx], batch.labels[idx])
+
+
+def _trimmed(batch: EmbeddedBatch, tail: int) -> EmbeddedBatch:
+    """Without the leading columns that are padding in every row (left padding: the position ids of
+    the rest stay as they were), keeping at least the last ``tail``."""
+    keep = max(int(batch.attention_mask.sum(1).max()), tail)
+    return EmbeddedBatch(batch.inputs_embeds[:, -keep:], batch.attention_mask[:, -keep:],
+                         batch.position_ids[..., -keep:], batch.labels[:, -keep:])  # [B, L] or [B, 3, L]
+
+
+def _merged(parts, order: torch.Tensor) -> Optional[torch.Tensor]:
+    """One captured tensor of several passes, each part right-aligned to the widest (the batch's
+    width, or the tail) and the rows put back in ``order``; None where a pass kept nothing (a
+    ``LastModuleCache`` on a module that returns no tensor, which its check then rejects)."""
+    if any(t is None for t in parts):
+        return None
+    width = max(t.shape[1] for t in parts)
+    return torch.cat([_left_padded(t, width) for t in parts])[order]
+
+
+def _left_padded(t: torch.Tensor, width: int) -> torch.Tensor:
+    """[rows, w, ...] right-aligned in [rows, width, ...] (zeros where a row is padding)."""
+    if t.shape[1] == width:
+        return t
+    out = t.new_zeros((t.shape[0], width, *t.shape[2:]))
+    out[:, width - t.shape[1]:] = t
+    return out
 
 
 class ODEditObjective:
