@@ -150,10 +150,9 @@ def batched_nll_steps():
     measured against."""
     import torch
 
+    from easyedit_odedit import risks
     from easyedit_odedit.odedit import odedit_main
     from easyedit_odedit.odedit.objective import ODEditObjective
-
-    from easyedit_odedit import risks
 
     class BatchedNLL(ODEditObjective):
         def update(self, idx):

@@ -173,14 +173,11 @@ class LastModuleCache:
     def load_captured(self, tensors: Tuple[torch.Tensor, ...]) -> None:
         self.x, self.module_out, self.residual = tensors
 
-    def hidden(self, rows: torch.Tensor) -> torch.Tensor:
-        """The decoder's last hidden states at the cached positions of ``rows``, as edited now."""
-        return self.final_norm(self.residual[rows] + self.module(self.x[rows]))
-
     def hidden_states(self, adapter, batch, rows: torch.Tensor, tail: Optional[int] = None) -> torch.Tensor:
         """What ``adapter.decode_hidden(batch, tail)`` returns, from the cache (``tail`` must be the
-        one captured)."""
-        return self.hidden(rows)
+        one captured): the decoder's last hidden states at the cached positions of ``rows``, as
+        edited now."""
+        return self.final_norm(self.residual[rows] + self.module(self.x[rows]))
 
     def verify(self, run_full, tail: int) -> bool:
         """Checks both assumptions on two cached rows (once per model: the answer is structural):

@@ -319,8 +319,7 @@ class ODEditObjective:
         every_row = list(range(len(self.rows.rows)))
         rows = torch.tensor(every_row, device=self.rows.embedded.inputs_embeds.device)
         read = self.read(rows, *self.forward(every_row))
-        gives_target = read.all_right(read.nll_at, read.nll_logits.argmax(-1) == read.targets)
-        kept = read.all_right(read.kl_at, read.kl_logits.argmax(-1) == read.pre.argmax(-1))
+        gives_target, kept = read.gives_target(), read.keeps_answers()
         kl = risks.kl_per_position(read.kl_logits, read.pre, self.hp.risks.kl_direction)
         envs = self.rows.envs
         se = gives_target[[i for i, e in enumerate(envs) if e in KEEP_ENVS]].float()
@@ -358,8 +357,7 @@ class ODEditObjective:
     @torch.no_grad()
     def _makes_edit(g: "Evaluated") -> torch.Tensor:
         """Whether every target token of the IN row is the argmax (a 0-dim tensor, read with the logs)."""
-        read = g.read
-        return read.all_right(read.nll_at, read.nll_logits.argmax(-1) == read.targets)[g.envs.index("IN")]
+        return g.read.gives_target()[g.envs.index("IN")]
 
     def finish(self) -> None:
         """End with the chosen iterate (``selection.BestIterate``)."""
@@ -412,12 +410,22 @@ class Read(NamedTuple):
     def kl_logits(self) -> torch.Tensor:
         return self.logits[len(self.targets):]
 
-    def all_right(self, at: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-        """[rows] bool: whether every position of a row marked in ``at`` is ``right`` (one flag a
-        position, in ``at``'s order); rows without such positions count as right."""
-        wrong = torch.zeros(at.shape, dtype=torch.bool, device=at.device)
-        wrong[at] = ~right
-        return ~wrong.any(1)
+    def gives_target(self) -> torch.Tensor:
+        """[rows] bool: every target token of the row is the argmax (rows without one: True)."""
+        return _every(self.nll_at, self.nll_logits.argmax(-1) == self.targets)
+
+    def keeps_answers(self) -> torch.Tensor:
+        """[rows] bool: at every compared position the argmax is the unedited model's (no such
+        position: True)."""
+        return _every(self.kl_at, self.kl_logits.argmax(-1) == self.pre.argmax(-1))
+
+
+def _every(at: torch.Tensor, holds: torch.Tensor) -> torch.Tensor:
+    """[rows] bool: ``holds`` (one flag a position marked in ``at``, in its order) at every marked
+    position of the row."""
+    failed = torch.zeros(at.shape, dtype=torch.bool, device=at.device)
+    failed[at] = ~holds
+    return ~failed.any(1)
 
 
 class Evaluated(NamedTuple):
