@@ -98,3 +98,32 @@ def test_the_unedited_pass_runs_text_rows_apart_and_gives_what_one_batch_gives(w
     one_batch = torch.log_softmax(logits[rows.compare_tail].float(), -1)
     assert rows.pre_log_probs.shape == one_batch.shape and rows.compare_tail[2].any()
     assert torch.allclose(rows.pre_log_probs, one_batch, atol=1e-5)
+
+
+def test_text_rows_an_image_path_edit_cannot_reach_run_once_and_read_as_the_full_model(world):
+    """FT-V edits the projector: a text row reads none of it, so its hidden states come from one
+    pass instead of every step; they and the re-embedded rows match the whole model after the edit
+    moves. An edit that also reaches the decoder runs every row."""
+    from easyedit_odedit.odedit.objective import ODEditObjective
+
+    adapter, host_obj, rows = _setup(world, "FT-V", {"modules": ["projector"]})
+    params = host_obj.prepare(adapter)
+    hp = ODEditHyperParams.from_hparams(write_yaml(world, "FT-V", {"modules": ["projector"], "num_steps": 1}))
+    objective = ODEditObjective(adapter, rows, params, hp, lr=0.1)
+    assert objective.fixed == [False, False, True, False]
+    gen = torch.Generator().manual_seed(2)
+    idx = [3, 2, 0]
+    with torch.no_grad():
+        before = adapter.decode_hidden(rows.embed(idx), rows.tail)
+        for p in params.values():
+            p.add_(0.5 * p.abs().mean().clamp(min=0.05) * torch.randn(p.shape, generator=gen))
+        batch, hidden = objective.forward(idx)
+        full = adapter.decode_hidden(rows.embed(idx), rows.tail)
+    assert not torch.allclose(full[[0, 2]], before[[0, 2]], atol=1e-3)  # the image rows moved
+    assert torch.equal(batch.labels, rows.embedded.labels[idx][:, -rows.tail:])
+    assert torch.allclose(hidden, full, atol=1e-5, rtol=1e-4)
+
+    decoder_param = next(n for n, _ in adapter.named_parameters() if n.startswith("language_model.") and ".layers." in n)
+    both = dict(params, **{decoder_param: dict(adapter.named_parameters())[decoder_param]})
+    assert not any(ODEditObjective(adapter, rows, both, hp, lr=0.1).fixed)
+    host_obj.finalize(adapter)

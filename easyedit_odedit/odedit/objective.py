@@ -143,7 +143,7 @@ def needs_reembedding(adapter: MultimodalLMAdapter, edited) -> bool:
     projector, token embeddings): then the decoder's inputs change during the edit. Decided by
     where the parameter lives, not by its name (LLaVA's projector sits under ``language_model``)."""
     lm = adapter.language_model
-    if not all(hasattr(lm, m) for m in ("get_decoder", "get_input_embeddings", "get_output_embeddings")):
+    if not _has_parts(lm):
         # a view whose names already say where a parameter acts (models/hf_native.py)
         return any(not k.startswith("language_model.") or "embed_tokens" in k for k in edited)
     decoder = lm.get_decoder()
@@ -151,6 +151,23 @@ def needs_reembedding(adapter: MultimodalLMAdapter, edited) -> bool:
     after -= {id(p) for p in lm.get_input_embeddings().parameters()}
     named = dict(adapter.named_parameters())
     return any(id(named[k]) not in after for k in edited if k in named)
+
+
+def acts_on_images_only(adapter: MultimodalLMAdapter, edited) -> bool:
+    """True when every edited parameter lies on the image path (image encoder, projector): a row
+    without an image then reads none of them (token embeddings, decoder, LM head), and gives the
+    same hidden states at every step of the edit (FT-V)."""
+    lm = adapter.language_model
+    if not _has_parts(lm):
+        return all(not k.startswith("language_model.") for k in edited)
+    text_path = {id(p) for part in (lm.get_input_embeddings(), lm.get_decoder(), lm.get_output_embeddings())
+                 for p in part.parameters()}
+    named = dict(adapter.named_parameters())
+    return all(k in named and id(named[k]) not in text_path for k in edited)
+
+
+def _has_parts(lm) -> bool:
+    return all(hasattr(lm, m) for m in ("get_decoder", "get_input_embeddings", "get_output_embeddings"))
 
 
 def _with_labels(batch: EmbeddedBatch, labels: torch.Tensor) -> EmbeddedBatch:
@@ -201,6 +218,10 @@ class ODEditObjective:
                                                 hp.penalty.lambda_max, seed)
         self.reembed = needs_reembedding(adapter, params)
         self.cache = edit_rows.cache
+        # rows the edit cannot reach run once, not at every step (FT-V: every text row)
+        reaches_text = not (self.reembed and acts_on_images_only(adapter, params))
+        self.fixed = [not reaches_text and image is None for image in edit_rows.images]
+        self.fixed_hidden = self._fixed_hidden() if any(self.fixed) else None
         self.step = 0
         self.best = BestIterate(params, by_checks=use_odedit and hp.constraints.enabled)
         self.group_weight = {"SE": 1.0, "OUT": 1.0}  # raised while a group's constraint is violated
@@ -214,12 +235,40 @@ class ODEditObjective:
         rows' batch with its labels cut to the same columns."""
         rows = torch.tensor(idx, device=self.rows.embedded.inputs_embeds.device)
         tail = self.rows.tail
-        batch = self.rows.embed(idx) if self.reembed else _select(self.rows.embedded, rows)
+        if self.reembed:
+            return self._reembedded(idx, rows, tail)
+        batch = _select(self.rows.embedded, rows)
         if self.cache is not None:
             hidden = self.cache.hidden_states(self.adapter, batch, rows, tail)
         else:
             hidden = self.adapter.decode_hidden(batch, tail)
         return _with_labels(batch, batch.labels[:, -tail:]), hidden
+
+    def _reembedded(self, idx: List[int], rows: torch.Tensor, tail: int):
+        """``forward`` when the edit changes the decoder's inputs: the rows it can reach are
+        embedded again and run; the fixed rows' hidden states come from ``_fixed_hidden``."""
+        live = [j for j, i in enumerate(idx) if not self.fixed[i]]
+        if len(live) == len(idx):
+            batch = self.rows.embed(idx)
+            return _with_labels(batch, batch.labels[:, -tail:]), self.adapter.decode_hidden(batch, tail)
+        fixed = [j for j, i in enumerate(idx) if self.fixed[i]]
+        parts = [self.fixed_hidden[rows[fixed]]]
+        if live:
+            parts.insert(0, _left_padded(self.adapter.decode_hidden(self.rows.embed([idx[j] for j in live]), tail), tail))
+        order = torch.argsort(torch.tensor(live + fixed, device=rows.device))
+        batch = _select(self.rows.embedded, rows)  # the labels do not change; the read uses nothing else
+        return _with_labels(batch, batch.labels[:, -tail:]), torch.cat(parts)[order]
+
+    @torch.no_grad()
+    def _fixed_hidden(self) -> torch.Tensor:
+        """[rows, tail, hidden]: the fixed rows' last hidden states (zeros elsewhere), run once as
+        the unedited pass runs its text rows."""
+        fixed = torch.tensor(self.fixed, device=self.rows.embedded.inputs_embeds.device)
+        tail = self.rows.tail
+        hidden = self.adapter.decode_hidden(_trimmed(_select(self.rows.embedded, fixed), tail), tail)
+        out = hidden.new_zeros((len(self.fixed), tail, hidden.shape[-1]))
+        out[fixed] = _left_padded(hidden, tail)
+        return out
 
     def read(self, rows: torch.Tensor, batch: EmbeddedBatch, hidden: torch.Tensor) -> "Read":
         """The LM head at the positions a risk reads, and nowhere else (with a 32k vocabulary it is
