@@ -80,17 +80,19 @@ class PrefixCache:
         (self.cached,) = tensors
 
     def hidden_states(self, adapter, batch, rows: torch.Tensor, tail: Optional[int] = None) -> torch.Tensor:
-        """``adapter.decode_hidden`` of the cached ``rows`` (``batch``), running only layers >= k."""
-        with self.bypass(rows):
+        """``adapter.decode_hidden`` of the cached ``rows`` (``batch``, as wide as the captured rows
+        or cut to its last columns), running only layers >= k."""
+        with self.bypass(rows, batch.inputs_embeds.shape[1]):
             return adapter.decode_hidden(batch, tail)
 
     def _wrap(self, hidden: torch.Tensor):
         return (hidden,) if self.as_tuple else hidden
 
     @contextlib.contextmanager
-    def bypass(self, rows: torch.Tensor):
-        """Layers below k pass their input through; layer k-1 returns the cached rows."""
-        cached = self.cached[rows]
+    def bypass(self, rows: torch.Tensor, width: int):
+        """Layers below k pass their input through; layer k-1 returns the cached rows' last
+        ``width`` columns (rows are left-padded: a batch of short rows drops the padding's columns)."""
+        cached = self.cached[rows][:, -width:]
 
         def passthrough(hidden_states, *args, **kwargs):
             return self._wrap(hidden_states)

@@ -100,17 +100,27 @@ def test_the_unedited_pass_runs_text_rows_apart_and_gives_what_one_batch_gives(w
     assert torch.allclose(rows.pre_log_probs, one_batch, atol=1e-5)
 
 
-def test_text_rows_an_image_path_edit_cannot_reach_run_once_and_read_as_the_full_model(world):
-    """FT-V edits the projector: a text row reads none of it, so its hidden states come from one
-    pass instead of every step; they and the re-embedded rows match the whole model after the edit
-    moves. An edit that also reaches the decoder runs every row."""
+STEP_CASES = {  # host, host_hparams, each row's kind (IN, SE_text, OUT_text, OUT_near)
+    "FT-V projector": ("FT-V", {"modules": ["projector"]}, ["image", "image", "fixed", "image"]),
+    "FT-L top attention": ("FT-L", {"layers": [-1], "modules": ["self_attn"]}, ["image", "image", "text", "image"]),
+    "FT-L from layer 0": ("FT-L", {"layers": [0, -1], "modules": ["mlp"]}, ["image", "image", "text", "image"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(STEP_CASES))
+def test_a_step_runs_text_rows_apart_and_reads_as_the_whole_model(world, case):
+    """A step runs the rows with an image and the text rows as two batches, each as wide as its
+    own rows; rows the edit cannot reach (FT-V's text rows: the projector is not on their path)
+    run once an edit. After the edited parameters move, what the step reads is the whole model's
+    over one batch."""
     from easyedit_odedit.odedit.objective import ODEditObjective
 
-    adapter, host_obj, rows = _setup(world, "FT-V", {"modules": ["projector"]})
+    host, host_hparams, kinds = STEP_CASES[case]
+    adapter, host_obj, rows = _setup(world, host, host_hparams)
     params = host_obj.prepare(adapter)
-    hp = ODEditHyperParams.from_hparams(write_yaml(world, "FT-V", {"modules": ["projector"], "num_steps": 1}))
+    hp = ODEditHyperParams.from_hparams(write_yaml(world, host, {**host_hparams, "num_steps": 1}))
     objective = ODEditObjective(adapter, rows, params, hp, lr=0.1)
-    assert objective.fixed == [False, False, True, False]
+    assert objective.kind == kinds
     gen = torch.Generator().manual_seed(2)
     idx = [3, 2, 0]
     with torch.no_grad():
@@ -119,11 +129,20 @@ def test_text_rows_an_image_path_edit_cannot_reach_run_once_and_read_as_the_full
             p.add_(0.5 * p.abs().mean().clamp(min=0.05) * torch.randn(p.shape, generator=gen))
         batch, hidden = objective.forward(idx)
         full = adapter.decode_hidden(rows.embed(idx), rows.tail)
+    host_obj.finalize(adapter)
     assert not torch.allclose(full[[0, 2]], before[[0, 2]], atol=1e-3)  # the image rows moved
     assert torch.equal(batch.labels, rows.embedded.labels[idx][:, -rows.tail:])
     assert torch.allclose(hidden, full, atol=1e-5, rtol=1e-4)
 
-    decoder_param = next(n for n, _ in adapter.named_parameters() if n.startswith("language_model.") and ".layers." in n)
-    both = dict(params, **{decoder_param: dict(adapter.named_parameters())[decoder_param]})
-    assert not any(ODEditObjective(adapter, rows, both, hp, lr=0.1).fixed)
+
+def test_an_edit_that_reaches_the_decoder_too_runs_every_text_row(world):
+    from easyedit_odedit.odedit.objective import ODEditObjective
+
+    adapter, host_obj, rows = _setup(world, "FT-V", {"modules": ["projector"]})
+    params = host_obj.prepare(adapter)
+    hp = ODEditHyperParams.from_hparams(write_yaml(world, "FT-V", {"modules": ["projector"], "num_steps": 1}))
+    named = dict(adapter.named_parameters())
+    decoder_param = next(n for n in named if n.startswith("language_model.") and ".layers." in n)
+    objective = ODEditObjective(adapter, rows, dict(params, **{decoder_param: named[decoder_param]}), hp, lr=0.1)
     host_obj.finalize(adapter)
+    assert objective.kind == ["image", "image", "text", "image"]

@@ -220,8 +220,9 @@ class ODEditObjective:
         self.cache = edit_rows.cache
         # rows the edit cannot reach run once, not at every step (FT-V: every text row)
         reaches_text = not (self.reembed and acts_on_images_only(adapter, params))
-        self.fixed = [not reaches_text and image is None for image in edit_rows.images]
-        self.fixed_hidden = self._fixed_hidden() if any(self.fixed) else None
+        self.kind = ["image" if image is not None else "text" if reaches_text else "fixed"
+                     for image in edit_rows.images]
+        self.fixed_hidden = self._fixed_hidden() if "fixed" in self.kind else None
         self.step = 0
         self.best = BestIterate(params, by_checks=use_odedit and hp.constraints.enabled)
         self.group_weight = {"SE": 1.0, "OUT": 1.0}  # raised while a group's constraint is violated
@@ -235,38 +236,45 @@ class ODEditObjective:
         rows' batch with its labels cut to the same columns."""
         rows = torch.tensor(idx, device=self.rows.embedded.inputs_embeds.device)
         tail = self.rows.tail
-        if self.reembed:
-            return self._reembedded(idx, rows, tail)
         batch = _select(self.rows.embedded, rows)
+        if isinstance(self.cache, LastModuleCache):  # the last positions only: a row's width costs nothing
+            hidden = self.cache.hidden_states(self.adapter, batch, rows, tail)
+        else:
+            hidden = self._by_kind(idx, rows, tail)
+        return _with_labels(batch, batch.labels[:, -tail:]), hidden
+
+    def _by_kind(self, idx: List[int], rows: torch.Tensor, tail: int) -> torch.Tensor:
+        """The chosen rows as one batch of the rows with an image and one of the text rows, each
+        only as wide as its widest row (as the unedited pass runs them: a text row padded to an
+        image row's width costs as much as one); fixed rows from ``_fixed_hidden``."""
+        at: Dict[str, List[int]] = {}
+        for j, i in enumerate(idx):
+            at.setdefault(self.kind[i], []).append(j)
+        parts = [self.fixed_hidden[rows[js]] if kind == "fixed" else self._run([idx[j] for j in js], rows[js], tail)
+                 for kind, js in at.items()]
+        if len(parts) == 1:
+            return parts[0]
+        order = torch.argsort(torch.tensor([j for js in at.values() for j in js], device=rows.device))
+        return torch.cat(parts)[order]
+
+    def _run(self, idx: List[int], rows: torch.Tensor, tail: int) -> torch.Tensor:
+        """[rows, tail, hidden] of rows of one kind, through the edited part of the model; embedded
+        again when the edit changes the decoder's inputs."""
+        batch = self.rows.embed(idx) if self.reembed else _trimmed(_select(self.rows.embedded, rows), tail)
         if self.cache is not None:
             hidden = self.cache.hidden_states(self.adapter, batch, rows, tail)
         else:
             hidden = self.adapter.decode_hidden(batch, tail)
-        return _with_labels(batch, batch.labels[:, -tail:]), hidden
-
-    def _reembedded(self, idx: List[int], rows: torch.Tensor, tail: int):
-        """``forward`` when the edit changes the decoder's inputs: the rows it can reach are
-        embedded again and run; the fixed rows' hidden states come from ``_fixed_hidden``."""
-        live = [j for j, i in enumerate(idx) if not self.fixed[i]]
-        if len(live) == len(idx):
-            batch = self.rows.embed(idx)
-            return _with_labels(batch, batch.labels[:, -tail:]), self.adapter.decode_hidden(batch, tail)
-        fixed = [j for j, i in enumerate(idx) if self.fixed[i]]
-        parts = [self.fixed_hidden[rows[fixed]]]
-        if live:
-            parts.insert(0, _left_padded(self.adapter.decode_hidden(self.rows.embed([idx[j] for j in live]), tail), tail))
-        order = torch.argsort(torch.tensor(live + fixed, device=rows.device))
-        batch = _select(self.rows.embedded, rows)  # the labels do not change; the read uses nothing else
-        return _with_labels(batch, batch.labels[:, -tail:]), torch.cat(parts)[order]
+        return _left_padded(hidden, tail)
 
     @torch.no_grad()
     def _fixed_hidden(self) -> torch.Tensor:
         """[rows, tail, hidden]: the fixed rows' last hidden states (zeros elsewhere), run once as
         the unedited pass runs its text rows."""
-        fixed = torch.tensor(self.fixed, device=self.rows.embedded.inputs_embeds.device)
+        fixed = torch.tensor([k == "fixed" for k in self.kind], device=self.rows.embedded.inputs_embeds.device)
         tail = self.rows.tail
         hidden = self.adapter.decode_hidden(_trimmed(_select(self.rows.embedded, fixed), tail), tail)
-        out = hidden.new_zeros((len(self.fixed), tail, hidden.shape[-1]))
+        out = hidden.new_zeros((len(self.kind), tail, hidden.shape[-1]))
         out[fixed] = _left_padded(hidden, tail)
         return out
 
