@@ -1,8 +1,9 @@
 """The ODEdit objective as one short ``update`` per step (DomainBed's shape).
 
-Every environment row of the step goes through the model in one padded batch with one forward and
-one backward pass; the logits are sliced per environment; risk + annealed, learned-multiplier TV
-penalty; the optimiser is reset when the penalty switches on; a dict of floats comes back.
+Every environment row of the step goes through the model in one forward and one backward pass (the
+rows with an image and the text rows as two padded batches); the logits are sliced per environment;
+risk + annealed, learned-multiplier TV penalty; the optimiser is reset when the penalty switches on;
+a dict of floats comes back.
 """
 from __future__ import annotations
 
