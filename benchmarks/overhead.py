@@ -156,10 +156,10 @@ def batched_nll_steps():
 
     class BatchedNLL(ODEditObjective):
         def update(self, idx):
-            batch, hidden = self.forward(idx)
-            at = risks.answer_positions(batch.labels)  # as ODEdit's step, the LM head where a label is read
+            labels, hidden = self.forward(idx)
+            at = risks.answer_positions(labels)  # as ODEdit's step, the LM head where a label is read
             logits = self.adapter.lm_head()(hidden[at])
-            loss = torch.nn.functional.cross_entropy(logits.float(), batch.labels[:, 1:][at[:, :-1]])
+            loss = torch.nn.functional.cross_entropy(logits.float(), labels[:, 1:][at[:, :-1]])
             self._descend(loss)
             self.step += 1
             return {"objective": loss.item()}

@@ -176,9 +176,9 @@ class LastModuleCache:
         self.x, self.module_out, self.residual = tensors
 
     def hidden_states(self, adapter, batch, rows: torch.Tensor, tail: Optional[int] = None) -> torch.Tensor:
-        """What ``adapter.decode_hidden(batch, tail)`` returns, from the cache (``tail`` must be the
-        one captured): the decoder's last hidden states at the cached positions of ``rows``, as
-        edited now."""
+        """What ``adapter.decode_hidden(batch, tail)`` returns, from the cache alone (``batch`` is
+        not read; ``tail`` must be the one captured): the decoder's last hidden states at the cached
+        positions of ``rows``, as edited now."""
         return self.final_norm(self.residual[rows] + self.module(self.x[rows]))
 
     def verify(self, run_full, tail: int) -> bool:

@@ -127,11 +127,11 @@ def test_a_step_runs_text_rows_apart_and_reads_as_the_whole_model(world, case):
         before = adapter.decode_hidden(rows.embed(idx), rows.tail)
         for p in params.values():
             p.add_(0.5 * p.abs().mean().clamp(min=0.05) * torch.randn(p.shape, generator=gen))
-        batch, hidden = objective.forward(idx)
+        labels, hidden = objective.forward(idx)
         full = adapter.decode_hidden(rows.embed(idx), rows.tail)
     host_obj.finalize(adapter)
     assert not torch.allclose(full[[0, 2]], before[[0, 2]], atol=1e-3)  # the image rows moved
-    assert torch.equal(batch.labels, rows.embedded.labels[idx][:, -rows.tail:])
+    assert torch.equal(labels, rows.embedded.labels[idx][:, -rows.tail:])
     assert torch.allclose(hidden, full, atol=1e-5, rtol=1e-4)
 
 

@@ -171,10 +171,6 @@ def _has_parts(lm) -> bool:
     return all(hasattr(lm, m) for m in ("get_decoder", "get_input_embeddings", "get_output_embeddings"))
 
 
-def _with_labels(batch: EmbeddedBatch, labels: torch.Tensor) -> EmbeddedBatch:
-    return EmbeddedBatch(batch.inputs_embeds, batch.attention_mask, batch.position_ids, labels)
-
-
 def _select(batch: EmbeddedBatch, idx: torch.Tensor) -> EmbeddedBatch:
     return EmbeddedBatch(batch.inputs_embeds[idx], batch.attention_mask[idx], batch.position_ids[idx], batch.labels[idx])
 
@@ -233,16 +229,15 @@ class ODEditObjective:
 
     # -- one forward pass over every environment row of the step ------------------------------
     def forward(self, idx: List[int]):
-        """The decoder's hidden states at the last ``tail`` positions of the chosen rows, and the
-        rows' batch with its labels cut to the same columns."""
+        """The chosen rows' labels and the decoder's hidden states, both at the last ``tail``
+        positions."""
         rows = torch.tensor(idx, device=self.rows.embedded.inputs_embeds.device)
         tail = self.rows.tail
-        batch = _select(self.rows.embedded, rows)
         if isinstance(self.cache, LastModuleCache):  # the last positions only: a row's width costs nothing
-            hidden = self.cache.hidden_states(self.adapter, batch, rows, tail)
+            hidden = self.cache.hidden_states(self.adapter, batch=None, rows=rows, tail=tail)
         else:
             hidden = self._by_kind(idx, rows, tail)
-        return _with_labels(batch, batch.labels[:, -tail:]), hidden
+        return self.rows.embedded.labels[rows][:, -tail:], hidden
 
     def _by_kind(self, idx: List[int], rows: torch.Tensor, tail: int) -> torch.Tensor:
         """The chosen rows as one batch of the rows with an image and one of the text rows, each
@@ -279,15 +274,15 @@ class ODEditObjective:
         out[fixed] = _left_padded(hidden, tail)
         return out
 
-    def read(self, rows: torch.Tensor, batch: EmbeddedBatch, hidden: torch.Tensor) -> "Read":
+    def read(self, rows: torch.Tensor, labels: torch.Tensor, hidden: torch.Tensor) -> "Read":
         """The LM head at the positions a risk reads, and nowhere else (with a 32k vocabulary it is
         most of a step): on IN/SE rows each position that predicts a target token, on OUT rows each
         compared position, with the unedited model's log-probs there."""
-        width = hidden.shape[1]  # < tail when re-embedded rows pad to less: rows are left-padded, align right
-        nll_at = risks.answer_positions(batch.labels) & ~self.rows.is_out[rows][:, None]
+        width = hidden.shape[1]  # the last ``tail`` columns: rows are left-padded, so they align right
+        nll_at = risks.answer_positions(labels) & ~self.rows.is_out[rows][:, None]
         kl_at, pre = self.rows.unedited_at(rows, width)
         logits = self.adapter.lm_head()(torch.cat([hidden[nll_at], hidden[kl_at]]))
-        targets = batch.labels[:, 1:][nll_at[:, :-1]]  # answer_positions never marks the last column
+        targets = labels[:, 1:][nll_at[:, :-1]]  # answer_positions never marks the last column
         return Read(logits, targets, pre, nll_at, kl_at)
 
     def risks(self, group: torch.Tensor, n_groups: int, read: "Read"):
@@ -305,8 +300,8 @@ class ODEditObjective:
                                                       n_groups).unbind(1)
         return env_risk, env_omega_grad
 
-    def mmd_features(self, batch: EmbeddedBatch, hidden: torch.Tensor) -> torch.Tensor:
-        answer = risks.answer_positions(batch.labels)
+    def mmd_features(self, labels: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        answer = risks.answer_positions(labels)
         if self.hp.risks.mmd_feature == "answer_mean":
             weights = answer.float() / answer.float().sum(-1, keepdim=True).clamp(min=1)
             return (hidden.float() * weights.unsqueeze(-1)).sum(1)
@@ -320,8 +315,8 @@ class ODEditObjective:
         groups = list(dict.fromkeys(envs))  # the environments present in this step
         device = self.rows.embedded.inputs_embeds.device
         group = torch.tensor([groups.index(e) for e in envs], device=device)
-        batch, hidden = self.forward(idx)
-        read = self.read(torch.tensor(idx, device=device), batch, hidden)
+        labels, hidden = self.forward(idx)
+        read = self.read(torch.tensor(idx, device=device), labels, hidden)
         env_risk, env_omega_grad = self.risks(group, len(groups), read)
         r_rel = env_risk[groups.index("IN")]
         terms = {"rel_nll": r_rel}
@@ -329,7 +324,7 @@ class ODEditObjective:
             return Evaluated(r_rel, terms, None, None, 0.0, read, envs)
         r_se = _mean(env_risk, [i for i, g in enumerate(groups) if g in KEEP_ENVS])
         r_loc = _mean(env_risk, [i for i, g in enumerate(groups) if g in OUT_ENVS])
-        feats = self.mmd_features(batch, hidden)
+        feats = self.mmd_features(labels, hidden)
         z_e = feats[[j for j, e in enumerate(envs) if e == "IN"]]
         z_r = feats[[j for j, e in enumerate(envs) if e in SE_ENVS]]
         r_gen = risks.generality_mmd(z_e.detach() if hp.risks.mmd_detach_edit else z_e, z_r, hp.risks.mmd_bandwidths)
