@@ -93,13 +93,13 @@ class EditRows:
         hidden, captured = [], []
         for rows in buckets:
             with cache.capturing(self.tail) if cache is not None else contextlib.nullcontext():
-                hidden.append(self.adapter.decode_hidden(_trimmed(_select(batch, rows), self.tail), self.tail))
+                hidden.append(self.adapter.decode_hidden(_rows_of(batch, rows, self.tail), self.tail))
             if cache is not None:
                 captured.append(cache.captured())
         order = torch.argsort(torch.cat([rows.nonzero()[:, 0] for rows in buckets]))  # back to the rows' order
         if cache is not None:
             cache.load_captured(tuple(_merged(parts, order) for parts in zip(*captured)))
-        return torch.cat(hidden)[order]
+        return _merged(hidden, order)
 
     def unedited_at(self, rows: torch.Tensor, width: int):
         """Where the chosen rows' OUT positions lie in their last ``width`` columns, and the unedited
@@ -175,21 +175,24 @@ def _select(batch: EmbeddedBatch, idx: torch.Tensor) -> EmbeddedBatch:
     return EmbeddedBatch(batch.inputs_embeds[idx], batch.attention_mask[idx], batch.position_ids[idx], batch.labels[idx])
 
 
-def _trimmed(batch: EmbeddedBatch, tail: int) -> EmbeddedBatch:
-    """Without the leading columns that are padding in every row (left padding: the position ids of
-    the rest stay as they were), keeping at least the last ``tail``."""
-    keep = max(int(batch.attention_mask.sum(1).max()), tail)
-    return EmbeddedBatch(batch.inputs_embeds[:, -keep:], batch.attention_mask[:, -keep:],
-                         batch.position_ids[..., -keep:], batch.labels[:, -keep:])  # [B, L] or [B, 3, L]
+def _rows_of(batch: EmbeddedBatch, rows: torch.Tensor, tail: int) -> EmbeddedBatch:
+    """The chosen rows of ``batch`` without the leading columns that are padding in every one of
+    them (left padding: the position ids of the rest stay as they were), keeping at least the last
+    ``tail``."""
+    chosen = _select(batch, rows)
+    keep = max(int(chosen.attention_mask.sum(1).max()), tail)
+    return EmbeddedBatch(chosen.inputs_embeds[:, -keep:], chosen.attention_mask[:, -keep:],
+                         chosen.position_ids[..., -keep:], chosen.labels[:, -keep:])  # [B, L] or [B, 3, L]
 
 
-def _merged(parts, order: torch.Tensor) -> Optional[torch.Tensor]:
-    """One captured tensor of several passes, each part right-aligned to the widest (the batch's
-    width, or the tail) and the rows put back in ``order``; None where a pass kept nothing (a
-    ``LastModuleCache`` on a module that returns no tensor, which its check then rejects)."""
+def _merged(parts, order: torch.Tensor, width: Optional[int] = None) -> Optional[torch.Tensor]:
+    """One tensor from the parts of several passes over rows run apart, each part right-aligned to
+    ``width`` (default the widest: the batch's width, or the tail) and the rows put back in
+    ``order``; None where a pass kept nothing (a ``LastModuleCache`` on a module that returns no
+    tensor, which its check then rejects)."""
     if any(t is None for t in parts):
         return None
-    width = max(t.shape[1] for t in parts)
+    width = width or max(t.shape[1] for t in parts)
     return torch.cat([_left_padded(t, width) for t in parts])[order]
 
 
@@ -249,27 +252,26 @@ class ODEditObjective:
         parts = [self.fixed_hidden[rows[js]] if kind == "fixed" else self._run([idx[j] for j in js], rows[js], tail)
                  for kind, js in at.items()]
         if len(parts) == 1:
-            return parts[0]
+            return _left_padded(parts[0], tail)
         order = torch.argsort(torch.tensor([j for js in at.values() for j in js], device=rows.device))
-        return torch.cat(parts)[order]
+        return _merged(parts, order, tail)  # back to the rows' order, as the unedited pass merges its two
 
     def _run(self, idx: List[int], rows: torch.Tensor, tail: int) -> torch.Tensor:
-        """[rows, tail, hidden] of rows of one kind, through the edited part of the model; embedded
-        again when the edit changes the decoder's inputs."""
-        batch = self.rows.embed(idx) if self.reembed else _trimmed(_select(self.rows.embedded, rows), tail)
+        """[rows, at most tail, hidden] of rows of one kind, through the edited part of the model;
+        embedded again when the edit changes the decoder's inputs."""
+        batch = self.rows.embed(idx) if self.reembed else _rows_of(self.rows.embedded, rows, tail)
         if self.cache is not None:
-            hidden = self.cache.hidden_states(self.adapter, batch, rows, tail)
-        else:
-            hidden = self.adapter.decode_hidden(batch, tail)
-        return _left_padded(hidden, tail)
+            return self.cache.hidden_states(self.adapter, batch, rows, tail)
+        return self.adapter.decode_hidden(batch, tail)
 
     @torch.no_grad()
     def _fixed_hidden(self) -> torch.Tensor:
         """[rows, tail, hidden]: the fixed rows' last hidden states (zeros elsewhere), run once as
-        the unedited pass runs its text rows."""
+        the unedited pass runs its text rows, but at the weights the steps start from (a refine
+        host may have moved weights since that pass)."""
         fixed = torch.tensor([k == "fixed" for k in self.kind], device=self.rows.embedded.inputs_embeds.device)
         tail = self.rows.tail
-        hidden = self.adapter.decode_hidden(_trimmed(_select(self.rows.embedded, fixed), tail), tail)
+        hidden = self.adapter.decode_hidden(_rows_of(self.rows.embedded, fixed, tail), tail)
         out = hidden.new_zeros((len(self.kind), tail, hidden.shape[-1]))
         out[fixed] = _left_padded(hidden, tail)
         return out
