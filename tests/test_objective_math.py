@@ -105,3 +105,33 @@ def test_closed_form_omega_gradients_match_autograd_and_finite_differences(direc
     (grad_closed,) = torch.autograd.grad(penalty, logits)
     (grad_reference,) = torch.autograd.grad(reference, logits)
     assert torch.allclose(grad_closed, grad_reference, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("direction", ["post_pre", "pre_post"])
+@pytest.mark.parametrize("n_nll,n_kl", [(3, 4), (0, 5), (5, 0)])
+def test_closed_form_backward_of_the_risks_and_omega_gradients_matches_autograd(direction, n_nll, n_kl):
+    """The step's risks and omega-gradients carry their own backward (four passes over the vocabulary
+    instead of autograd's graph of a dozen): both outputs' Jacobians must be the numerical ones, with
+    NLL positions only, KL positions only, or both."""
+    torch.manual_seed(5)
+    logits = (3 * torch.randn(n_nll + n_kl, 11, dtype=torch.float64)).requires_grad_()
+    targets = torch.randint(0, 11, (n_nll,))
+    pre = torch.log_softmax(3 * torch.randn(n_kl, 11, dtype=torch.float64), -1)
+    assert torch.autograd.gradcheck(lambda z: tv.risks_and_omega_gradients(z, targets, pre, direction), (logits,))
+
+
+def test_risks_and_omega_gradients_of_bf16_logits_come_back_in_bf16_from_float32_arithmetic():
+    torch.manual_seed(6)
+    logits = (3 * torch.randn(4, 50)).bfloat16().requires_grad_()
+    pre = torch.log_softmax(torch.randn(2, 50), -1)
+    values, grads = tv.risks_and_omega_gradients(logits, torch.tensor([1, 2]), pre)
+    assert values.dtype == grads.dtype == torch.float32
+    reference = tv.risks_and_omega_gradients(logits.detach().float(), torch.tensor([1, 2]), pre)
+    assert torch.equal(values, reference[0]) and torch.equal(grads, reference[1])
+    (values.sum() + grads.sum()).backward()
+    assert logits.grad.dtype == torch.bfloat16 and torch.isfinite(logits.grad.float()).all()
+
+
+def test_an_unknown_kl_direction_is_refused():
+    with pytest.raises(ValueError, match="direction"):
+        tv.risks_and_omega_gradients(torch.zeros(1, 3), torch.tensor([0]), torch.zeros(0, 3), "both")
