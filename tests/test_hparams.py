@@ -52,6 +52,16 @@ def test_unknown_host_and_ike_and_bad_host_key(world):
         ODEditHyperParams.from_hparams(write_yaml(world, host_hparams={"lr": "fast"}))
 
 
+@pytest.mark.parametrize("key, host_key", [("lr", "lr"), ("steps", "num_steps")])
+def test_an_optimiser_pace_a_builtin_host_would_ignore_is_refused(world, key, host_key):
+    """FT-L edits inside ODEdit's loop at host_hparams' lr and num_steps; optimiser.lr/steps pace the
+    hosts that edit on their own, and were silently ignored for it."""
+    with pytest.raises(ODEditError, match=rf"optimiser\.{key} is not read for host FT-L.*host_hparams\.{host_key}"):
+        ODEditHyperParams.from_hparams(write_yaml(world, optimiser={key: 3}))
+    hp = ODEditHyperParams.from_hparams(write_yaml(world, optimiser={"grad_clip": 0.5}))
+    assert hp.optimiser.grad_clip == 0.5
+
+
 def test_missing_and_malformed_files(world, tmp_path):
     with pytest.raises(ODEditFileNotFoundError, match="hparams path"):
         ODEditHyperParams.from_hparams(str(tmp_path / "nope.yaml"))

@@ -192,6 +192,7 @@ class ODEditHyperParams:
         spec = host_spec(host, where)
         preset_name = _preset_name(where, config.pop("preset", None), config.get("environments"))
         preset = PRESETS[preset_name]
+        _refuse_unread_optimiser_keys(where, spec, config.get("optimiser"))
         sections = {}
         for key, section_cls in SECTIONS.items():
             raw = config.pop(key, None) or {}
@@ -339,6 +340,20 @@ _CHOICES = {("risks", "kl_direction"): ("post_pre", "pre_post"),
             ("penalty", "lambda_input"): ("delta_norms", "edit_hidden", "constant"),
             ("optimiser", "refine_start"): ("better", "host"),
             ("environments", "past_reference"): ("current", "sequence_start")}
+
+
+def _refuse_unread_optimiser_keys(where: str, spec, optimiser) -> None:
+    """``optimiser.lr`` and ``optimiser.steps`` pace the hosts that edit on their own (ODEdit refines
+    what they did); a host that runs inside ODEdit's loop takes its own ``lr`` and ``num_steps``, so
+    setting them here would be silently ignored."""
+    if spec.family != "optimise" or not isinstance(optimiser, dict):
+        return
+    for key, host_key in (("lr", "lr"), ("steps", "num_steps")):
+        if key in optimiser:
+            raise ODEditError(f"{where}: optimiser.{key}", optimiser[key],
+                              f"set host_hparams.{host_key} instead: {spec.name} edits inside ODEdit's loop at its own "
+                              f"learning rate and steps (optimiser.{key} paces hosts that edit on their own: MEND, "
+                              "WISE, GRACE, ...)", problem=f"is not read for host {spec.name}")
 
 
 def _validate_settings(hp: ODEditHyperParams, where: str) -> None:
