@@ -64,10 +64,10 @@ class _RisksAndOmegaGradients(torch.autograd.Function):
 
     Left to autograd, the forward's dozen vocabulary-wide operations each keep an [N, V] tensor for
     the backward and add one or two more there; at every OUT position of every step that was most of
-    what ODEdit's own terms cost beyond a plain NLL step. Here the forward keeps p and, on KL(p || q)
-    positions, v below, and the backward is four passes over the vocabulary, in place. With
-    u = z - E_p[z] + 1 and, for KL(p || q), v = d - KL + 1, the derivatives in z are (t the one-hot
-    target, or q for KL(q || p)):
+    what ODEdit's own terms cost beyond a plain NLL step. Here the forward keeps p and, on the KL
+    positions, v below (KL(p || q)) or q (KL(q || p)), and the backward is four passes over the
+    vocabulary, in place. With u = z - E_p[z] + 1 and, for KL(p || q), v = d - KL + 1, the
+    derivatives in z are (t the one-hot target, or q for KL(q || p)):
       NLL and KL(q || p):  dR = p - t                 dg = p u - t
       KL(p || q):          dR = p (v - 1)             dg = p (u v - 1 - g)
     so with a, b the upstream gradients of g and R: a dg + b dR = p (w v - a (1 + g) - b) on KL(p || q)
@@ -87,33 +87,32 @@ class _RisksAndOmegaGradients(torch.autograd.Function):
         risk, grad = torch.empty_like(expected_z), torch.empty_like(expected_z)
         risk[:n] = -log_p[:n].gather(-1, y)[:, 0]
         grad[:n] = expected_z[:n] - z[:n].gather(-1, y)[:, 0]
-        v = None
         if post_pre:
             ratio = log_p[n:].sub_(pre_log_probs)  # d = log p - log q
             moment = p_z[n:].mul_(ratio).sum(-1)  # sum p z d
             risk[n:] = torch.mul(p[n:], ratio, out=p_z[n:]).sum(-1)
             grad[n:] = moment - risk[n:] * expected_z[n:]
-            v = ratio.add_(1 - risk[n:, None])  # d - KL + 1: what the backward reads
+            kl_part = ratio.add_(1 - risk[n:, None])  # v = d - KL + 1: what the backward reads
         else:
-            q = pre_log_probs.exp()
-            risk[n:] = (q * (pre_log_probs - log_p[n:])).sum(-1)
-            grad[n:] = expected_z[n:] - (z[n:] * q).sum(-1)
+            kl_part = pre_log_probs.exp()  # q: the backward subtracts it as the NLL's one-hot target
+            risk[n:] = (kl_part * (pre_log_probs - log_p[n:])).sum(-1)
+            grad[n:] = expected_z[n:] - (z[n:] * kl_part).sum(-1)
         ctx.post_pre, ctx.dtype = post_pre, logits.dtype
-        ctx.save_for_backward(z, p, v, targets, pre_log_probs, expected_z, risk, grad)
+        ctx.save_for_backward(z, p, kl_part, targets, expected_z, risk, grad)
         return risk, grad
 
     @staticmethod
     def backward(ctx, d_risk, d_grad):
-        z, p, v, targets, pre_log_probs, expected_z, risk, grad = ctx.saved_tensors
+        z, p, kl_part, targets, expected_z, risk, grad = ctx.saved_tensors
         n = len(targets)
         a, b = d_grad[:, None], d_risk[:, None]
         dz = torch.addcmul(b - a * (expected_z[:, None] - 1), z, a)  # w = a u + b, in one pass
         if ctx.post_pre:
-            dz[n:].mul_(v).sub_(a[n:] * (1 + grad[n:, None]) + b[n:])  # w v - a (1 + g) - b
+            dz[n:].mul_(kl_part).sub_(a[n:] * (1 + grad[n:, None]) + b[n:])  # w v - a (1 + g) - b
         dz.mul_(p)
         dz[:n].scatter_add_(-1, targets[:, None], -(a[:n] + b[:n]))
         if not ctx.post_pre:
-            dz[n:].addcmul_(pre_log_probs.exp(), -(a[n:] + b[n:]))
+            dz[n:].addcmul_(kl_part, -(a[n:] + b[n:]))
         return dz.to(ctx.dtype), None, None, None
 
 
